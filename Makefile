@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv if needed and installs keel.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first, pinned, so that nothing later resolves a plain `torch` to a multi-GB CUDA build
+# (on this CPU machine 2.13.0 is a local CPU wheel; on a GPU machine it is PyPI's CUDA build).
+TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-base: $(BIN)/python setup.py
+	$(PIP) install $(TORCH)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base setup.py
+	$(PIP) install -e ".[test,triton]"
+	touch $@
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(BIN)/keel train configs/tiny.yaml $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests -q $(ARGS)
+
+bench: $(VENV)/.installed-base
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

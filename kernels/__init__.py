@@ -1,0 +1,1 @@
+"""Fused kernels (Triton, CUDA) and the single dispatch point the model calls."""

@@ -1,0 +1,1 @@
+"""Command-line entry point, Ray cluster connection, job submission and supervision."""

@@ -1,0 +1,1 @@
+"""Scaling-law fits, ladder planning and loss prediction."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: a small real corpus and a tiny model config that trains in seconds on a CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from keel.training.config import load_config
+from keel.training.corpus import prepare, stdlib_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # Tests must not read or write the user's ~/.cache/keel (peak FLOP/s, prepared corpora).
+    os.environ["KEEL_CACHE"] = str(tmp_path_factory.mktemp("keel-cache"))
+    os.environ["WANDB_MODE"] = "disabled"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """The standard library's `email` package (real Python text, ~0.4 MB), byte-tokenized."""
+    out = tmp_path_factory.mktemp("corpus") / "email-byte"
+    prepare([stdlib_path() / "email"], out, tokenizer="byte", val_percent=20, progress=False)
+    return out
+
+
+TINY = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
+    "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=8", "train.steps=30",
+    "train.eval_every=0", "train.eval_batches=2", "schedule.warmup_steps=5", "optim.lr=3e-3",
+    "logging.wandb.mode=disabled", "logging.progress=false", "logging.log_every=1000", "train.cpu_threads=1",
+]
+
+
+@pytest.fixture
+def tiny_config(corpus_dir, tmp_path):
+    """Build a tiny config on the test corpus; extra `a.b=v` overrides win."""
+    def make(*overrides: str):
+        return load_config(None, [*TINY, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}",
+                                  "train.name=test", *overrides])
+    return make

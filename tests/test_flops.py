@@ -1,0 +1,40 @@
+"""Parameter and FLOP counts: one source of truth, checked against a hand computation and the model."""
+import pytest
+
+from keel.training.config import ModelConfig
+from keel.training.flops import count_params, memory_per_device, training_flops_per_token
+from keel.training.model import build_model
+
+# d=64, 2 layers, 4 query heads and 2 KV heads of dim 16, SwiGLU hidden 128, vocab 256.
+SMALL = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=32)
+
+
+def test_param_count_matches_hand_computation():
+    p = count_params(ModelConfig(**SMALL))
+    assert p.embedding == 256 * 64 == 16384
+    assert p.attention == 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64) == 24576
+    assert p.ffn == 2 * 3 * 64 * 128 == 49152
+    assert p.norms == 2 * 2 * 64 + 64 == 320
+    assert p.output == 16384
+    assert p.total == 106816
+    assert p.matmul == 24576 + 49152 + 16384 == 90112   # output matmul counts, embedding lookup does not
+
+
+def test_training_flops_per_token_is_6n_plus_causal_attention():
+    # 6 * 90112 + 12 * L * H * d * T / 2 (causal counted once, half the full score matrix)
+    assert training_flops_per_token(ModelConfig(**SMALL), seq_len=32) == 6 * 90112 + 12 * 2 * 4 * 16 * 32 / 2
+    assert training_flops_per_token(ModelConfig(**SMALL), 32, causal=False) == 6 * 90112 + 12 * 2 * 4 * 16 * 32
+
+
+@pytest.mark.parametrize("extra", [{}, {"tie_embeddings": True}, {"qk_norm": True}, {"ffn_dim": None}])
+def test_count_agrees_with_the_built_model(extra):
+    cfg = ModelConfig(**{**SMALL, **extra})
+    model = build_model(cfg)  # meta device: nothing allocated
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def test_memory_estimate_counts_fp32_weights_grads_and_two_adam_moments():
+    cfg = ModelConfig(**SMALL)
+    mem = memory_per_device(cfg, seq_len=32, micro_batch_size=4)
+    assert (mem.weights, mem.grads, mem.optimizer) == (4 * 106816, 4 * 106816, 8 * 106816)
+    assert memory_per_device(cfg, 32, 8).activations == 2 * mem.activations

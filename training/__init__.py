@@ -1,0 +1,1 @@
+"""Config schema, model, data, optimizer, schedules and the training loop."""

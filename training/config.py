@@ -1,0 +1,395 @@
+"""The run configuration: typed dataclasses, loaded from YAML, overridden with `--set a.b=value`.
+
+Precedence is CLI > file > defaults. Everything is validated before anything runs, so a bad config never
+costs a cluster allocation: unknown keys name the nearest valid key, wrong types name the field, the value
+and the expected type, and each section checks its own value ranges in `__post_init__`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line naming the problem and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class AttentionConfig:
+    # "auto" picks the fastest kernel that is available and correct for the device (SDPA on CPU).
+    impl: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    # Grouped-query attention: fewer key/value heads than query heads (must divide n_heads).
+    n_kv_heads: Optional[int] = None
+    # SwiGLU hidden size; None means the Llama rule: 8/3 * dim rounded up to `ffn_multiple_of`.
+    ffn_dim: Optional[int] = None
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # QK-norm (RMSNorm on queries and keys) and z-loss both keep attention/output logits from growing
+    # without bound, two known causes of loss spikes (Dehghani et al. 2023; PaLM).
+    qk_norm: bool = False
+    z_loss: float = 0.0
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        _require(self.dim % self.n_heads == 0,
+                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}; "
+                 f"pick n_heads that divides dim")
+        _require(self.n_heads % self.n_kv_heads == 0,
+                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        _require((self.dim // self.n_heads) % 2 == 0,
+                 f"head dim {self.dim // self.n_heads} must be even for RoPE; change model.dim or n_heads")
+        _require(self.z_loss >= 0, f"model.z_loss must be >= 0, got {self.z_loss}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(8 * self.dim / 3)
+        return self.ffn_multiple_of * -(-hidden // self.ffn_multiple_of)
+
+
+@dataclass
+class DataConfig:
+    # None = the embedded default corpus (this Python's own standard library sources), prepared on first
+    # use. Otherwise a directory written by `keel data prepare`.
+    path: Optional[str] = None
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    seq_len: int = 256
+    # Percentage of files (by hash of their path) held out for validation when preparing a corpus.
+    val_percent: float = 5.0
+
+    def __post_init__(self):
+        _require(self.seq_len > 0, f"data.seq_len must be positive, got {self.seq_len}")
+        _require(0 < self.val_percent < 100, f"data.val_percent must be in (0, 100), got {self.val_percent}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    # A smaller epsilon than PyTorch's 1e-8 avoids the update-size collapse seen at scale (Wortsman et al.
+    # 2023); raise it if tiny second moments make updates explode.
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}; set e.g. optim.lr=3e-4")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(all(0 <= b < 1 for b in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}")
+        _require(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # Floor of the decay, as a fraction of optim.lr.
+    min_lr_ratio: float = 0.1
+    # WSD only: the final fraction of the run spent decaying (warmup-stable-decay, Hu et al. 2024).
+    decay_fraction: float = 0.2
+
+    def __post_init__(self):
+        _require(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 < self.decay_fraction <= 1,
+                 f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    name: Optional[str] = None  # run name; None = the config file's stem
+    output_dir: str = "runs"
+    steps: int = 1000
+    # Sequences per optimizer step across all data-parallel ranks; micro_batch_size sequences go through
+    # the model at once, the rest is gradient accumulation.
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 8
+    # Threads per process on CPU; 0 = leave PyTorch's default.
+    cpu_threads: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                 f"train.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class ParallelConfig:
+    # Degrees of the device mesh; their product must equal the world size. -1 means "the rest".
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    engine: Literal["native", "deepspeed", "megatron"] = "native"
+
+    def __post_init__(self):
+        degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp}
+        for name, d in degrees.items():
+            _require(d == -1 or d >= 1, f"parallel.{name} must be >= 1 or -1 (the rest), got {d}")
+        _require(sum(d == -1 for d in degrees.values()) <= 1,
+                 f"only one parallel degree may be -1 (the rest), got {degrees}")
+
+
+@dataclass
+class CheckpointConfig:
+    # Not yet acted on by the trainer: sharded, atomically committed checkpoints land with issue 5.
+    interval: int = 0  # steps between saves; 0 = never
+    keep_last: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class StabilityConfig:
+    # Not yet acted on by the trainer: loss-spike detection and remediation land with issue 7.
+    enabled: bool = False
+
+
+@dataclass
+class WandbConfig:
+    # offline by default: nothing leaves the machine; `wandb sync runs/<name>/wandb` uploads later.
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "keel"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # console lines; metrics.jsonl gets every step
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        _require(self.log_every > 0, f"logging.log_every must be positive, got {self.log_every}")
+
+
+@dataclass
+class FaultConfig:
+    # Not yet acted on by the trainer: supervision and automatic restart land with issue 6.
+    max_restarts: int = 3
+    hang_timeout_s: float = 300.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self):
+        _require(self.data.seq_len <= self.model.max_seq_len,
+                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with the checks users see.
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"tuple[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming the field, the value and the type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, where)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `3e-4` (no dot) as a string; accept any string Python reads as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+# Names users bring from Megatron-LM, Hugging Face and torchtitan configs, mapped to ours.
+ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "clip_grad": "grad_clip", "max_grad_norm": "grad_clip",
+    "adam_eps": "eps", "adam_epsilon": "eps", "hidden_size": "dim", "num_layers": "n_layers",
+    "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
+    "num_query_groups": "n_kv_heads", "ffn_hidden_size": "ffn_dim", "intermediate_size": "ffn_dim",
+    "seq_length": "seq_len", "max_position_embeddings": "max_seq_len", "train_iters": "steps",
+    "max_steps": "steps", "batch_size": "global_batch_size", "lr_warmup_iters": "warmup_steps",
+    "tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+    "tie_word_embeddings": "tie_embeddings", "dataset": "path", "data_path": "path",
+}
+
+
+def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
+    candidates = valid + [alias for alias, name in ALIASES.items() if name in valid]
+    close = difflib.get_close_matches(key.lower(), candidates, n=1, cutoff=0.6)
+    if close:
+        hint = f"; did you mean '{prefix}{ALIASES.get(close[0], close[0])}'?"
+    else:
+        hint = f"; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Write `value` at `a.b.c` in a nested dict, checking each name against the schema."""
+    cls: Any = Config
+    node = tree
+    keys = dotted.split(".")
+    for depth, key in enumerate(keys):
+        valid = [f.name for f in dataclasses.fields(cls)]
+        if key not in valid:
+            raise _unknown_key(key, valid, ".".join(keys[:depth]) + ("." if depth else ""))
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
+        cls = typing.get_type_hints(cls)[key]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys[:depth + 1])} must be a section (a mapping)")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is read as YAML so numbers, bools and lists work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. optim.lr=3e-4), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each `a.b=value` override; validated as a whole."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/tiny.yaml")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree)
+    if cfg.train.name is None:
+        cfg.train.name = path.stem if path is not None else "run"
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def plain(x):
+        if isinstance(x, tuple):
+            return list(x)
+        return x
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: plain(v) for k, v in items})
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,131 @@
+"""The engine: everything the loop needs from "a way to run the model", and nothing else.
+
+The loop asks an engine to run forward+backward over this rank's share of a global batch, clip, step and
+evaluate, and for its state. How the model is split (FSDP, tensor/pipeline parallel, DeepSpeed ZeRO,
+megatron-core) stays behind this interface, so new engines plug in without touching `loop.py`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from .config import Config
+from .device import autocast
+from .loss import lm_loss
+from .model import Transformer, build_model
+
+
+class Engine(ABC):
+    model: nn.Module
+    device: torch.device
+    dp_rank: int = 0   # this rank's index among data-parallel replicas (which slice of the batch it reads)
+    dp_size: int = 1
+
+    @abstractmethod
+    def forward_backward(self, inputs_bT: torch.Tensor, targets_bT: torch.Tensor) -> float:
+        """Accumulate gradients over this rank's rows of the global batch; return the global mean
+        cross-entropy (identical on every rank)."""
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global gradient norm before clipping; clips to max_norm when it is > 0."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float) -> None:
+        """Apply the accumulated gradients at learning rate `lr`, then zero them."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Drop the accumulated gradients without applying them (a skipped step)."""
+
+    @abstractmethod
+    def eval_loss(self, inputs_bT: torch.Tensor, targets_bT: torch.Tensor) -> float:
+        """Global mean cross-entropy of a batch, without touching gradients."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Model and optimizer state, for checkpoints."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def adamw(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    # Decay matrices and embeddings only: decaying norm gains pulls them toward zero for no benefit.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                             fused=device.type == "cuda")
+
+
+class LocalEngine(Engine):
+    """One process, one device, no parallelism: the reference every parallel layout must match."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        model = build_model(cfg.model, device="meta")
+        model.to_empty(device=device)
+        model.init_weights(seed=cfg.train.seed)
+        self.model: Transformer = model
+        self.optimizer = adamw(model, cfg, device)
+
+    def _micro_batches(self, inputs_bT, targets_bT):
+        mb = self.cfg.train.micro_batch_size
+        return zip(inputs_bT.split(mb), targets_bT.split(mb))
+
+    def forward_backward(self, inputs_bT, targets_bT) -> float:
+        self.model.train()
+        chunks = list(self._micro_batches(inputs_bT.to(self.device), targets_bT.to(self.device)))
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in chunks:
+            with autocast(self.device, self.cfg.train.precision):
+                logits = self.model(inputs)
+            loss, ce = lm_loss(logits, targets, self.cfg.model.z_loss)
+            # Micro-batches hold equal token counts, so the mean of their means is the global mean.
+            (loss / len(chunks)).backward()
+            total += ce
+        return (total / len(chunks)).item()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs_bT, targets_bT) -> float:
+        self.model.eval()
+        total, chunks = 0.0, list(self._micro_batches(inputs_bT.to(self.device), targets_bT.to(self.device)))
+        for inputs, targets in chunks:
+            with autocast(self.device, self.cfg.train.precision):
+                logits = self.model(inputs)
+            total += lm_loss(logits, targets)[1].item()
+        return total / len(chunks)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def make_engine(cfg: Config, device: torch.device, world_size: int = 1) -> Engine:
+    if world_size == 1:
+        return LocalEngine(cfg, device)
+    raise NotImplementedError(
+        f"{world_size} processes: multi-process layouts (FSDP2/TP/PP) arrive with the parallelism issue; "
+        f"run one process for now")

@@ -1,0 +1,94 @@
+"""The one place that counts parameters, training FLOPs per token and memory per device.
+
+Metrics (MFU), `keel estimate` and scaling-law fits all read these numbers, so they agree.
+
+FLOPs convention (Kaplan et al. 2020, PaLM appendix B): a matmul with N weights costs 2N FLOPs per token
+forward and 4N backward, so 6N for training, where N counts the weights of every matmul, including the
+output projection (tied or not) and excluding the input embedding (a lookup) and norm gains (elementwise).
+Attention adds QK^T and AV: 2 * 2 * T * d * H FLOPs per token per layer forward for full attention; a
+causal mask needs only half of the score matrix, so it is counted once, at half: 6 * L * H * d * T.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    embedding: int   # input embedding table
+    attention: int   # q, k, v, o projections, all layers
+    ffn: int         # SwiGLU w1, w2, w3, all layers
+    norms: int       # RMSNorm gains (block norms, qk-norms and the final norm)
+    output: int      # output projection; 0 when tied to the embedding
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.ffn + self.norms + self.output
+
+    @property
+    def matmul(self) -> int:
+        """Weights that take part in a matmul, per token: the N of 6N."""
+        lm_head = self.output if self.output else self.embedding
+        return self.attention + self.ffn + lm_head
+
+    @property
+    def non_embedding(self) -> int:
+        """Kaplan's N: every parameter except the embedding tables."""
+        return self.total - self.embedding - self.output
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    D, L, d = cfg.dim, cfg.n_layers, cfg.head_dim
+    qk_norm = 2 * d * L if cfg.qk_norm else 0
+    return ParamCount(
+        embedding=cfg.vocab_size * D,
+        attention=L * (D * cfg.n_heads * d + 2 * D * cfg.n_kv_heads * d + cfg.n_heads * d * D),
+        ffn=L * 3 * D * cfg.hidden_dim,
+        norms=L * 2 * D + D + qk_norm,
+        output=0 if cfg.tie_embeddings else cfg.vocab_size * D,
+    )
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token of the score and value matmuls (not the projections)."""
+    full = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return full / 2 if causal else full
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """6N + attention: forward and backward FLOPs to train on one token."""
+    return 6 * count_params(cfg).matmul + attention_flops_per_token(cfg, seq_len, causal)
+
+
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, precision: str = "fp32"
+                      ) -> MemoryEstimate:
+    """Bytes per device on one process (the parallel layout divides these; see `keel estimate`).
+
+    Weights and grads are kept in fp32 (autocast computes in bf16 but the master copy stays fp32);
+    AdamW keeps two fp32 moments. Activations follow Korthikanti et al. 2022 (Reducing Activation
+    Recomputation, eq. 1) per layer: s*b*h*(34 + 5*a*s/h) bytes at 16-bit without recomputation; the
+    5*a*s/h score-matrix term is dropped because fused/SDPA attention never stores the T x T scores; fp32
+    activations double it. Logits add s*b*V*4 bytes (fp32) for the loss.
+    """
+    n = count_params(cfg).total
+    s, b, h = seq_len, micro_batch_size, cfg.dim
+    per_layer = s * b * h * 34 * (BYTES[precision] / 2)
+    activations = cfg.n_layers * per_layer + s * b * cfg.vocab_size * 4 * 2  # logits and their grad
+    return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=activations)

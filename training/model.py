@@ -1,0 +1,156 @@
+"""A plain decoder-only transformer, Llama style: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+It knows nothing of meshes or devices: build it on the meta device, let `parallel/` shard it from outside,
+then `to_empty()` + `init_weights()` materialise it (as torchtitan does).
+
+Shape legend: B batch, T sequence, D model dim, H query heads, K key/value heads, d head dim, F ffn hidden,
+V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.attention import attention
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        # Normalise in fp32: bf16 sums of squares lose the precision that keeps the norm stable.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, d/2] for rotary position embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_Tf = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_Tf.cos(), angles_Tf.sin()
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Tf: torch.Tensor, sin_Tf: torch.Tensor) -> torch.Tensor:
+    # Rotate interleaved pairs (x0, x1), (x2, x3), ... as Llama does.
+    T = x_BHTd.shape[-2]
+    x = x_BHTd.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = cos_Tf[:T], sin_Tf[:T]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHTd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.impl = cfg.attention.impl
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x_BTD, cos_Tf, sin_Tf):
+        B, T, _ = x_BTD.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds only its share of the heads.
+        q_BHTd = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k_BKTd = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BKTd = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHTd, k_BKTd = self.q_norm(q_BHTd), self.k_norm(k_BKTd)
+        q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Tf, sin_Tf), apply_rope(k_BKTd, cos_Tf, sin_Tf)
+        o_BHTd = attention(q_BHTd, k_BKTd, v_BKTd, causal=True, impl=self.impl)
+        return self.wo(o_BHTd.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x_BTD):
+        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x_BTD, cos_Tf, sin_Tf):
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_Tf, sin_Tf)
+        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keyed by layer index keeps parameter names stable when pipeline parallelism
+        # deletes the layers another stage owns (torchtitan does the same).
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # Non-persistent: derived from the config, so checkpoints need not carry them.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Fill every parameter and buffer; call after `to_empty()` when built on the meta device."""
+        # to_empty() materialises each module's parameters separately, which unties shared ones.
+        self.tie_weights()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.rope_cos.device).manual_seed(seed)
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        # Residual-stream output projections get std / sqrt(2 * n_layers) so the residual's variance
+        # does not grow with depth (GPT-2's scaled init).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                std = out_std if name.endswith(("wo", "w2")) else cfg.init_std
+                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, V] (fp32 at the output so the loss is computed in fp32)."""
+        h_BTD = self.tok_embeddings(tokens_BT)
+        for layer in self.layers.values():
+            h_BTD = layer(h_BTD, self.rope_cos, self.rope_sin)
+        return self.output(self.norm(h_BTD)).float()
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:
+    """Build on `device` without allocating or initialising (meta by default)."""
+    with torch.device(device):
+        return Transformer(cfg)

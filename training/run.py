@@ -1,0 +1,57 @@
+"""Config file + overrides -> a finished run, with user errors reported as one line.
+
+Shared by `keel train` and `python -m keel.training` (which is what torchrun starts).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, TypeVar
+
+from ..parallel.dims import LayoutError
+from .config import ConfigError, load_config
+from .corpus import DataError
+from .loop import RunSummary, train
+
+# Errors caused by what the user asked for: shown as one line, no traceback unless --debug.
+USER_ERRORS = (ConfigError, DataError, LayoutError)
+T = TypeVar("T")
+
+
+def guarded(fn: Callable[[], T], debug: bool = False) -> T:
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"keel: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def summary_line(s: RunSummary) -> str:
+    mfu = f", MFU {100 * s.mfu:.1f}%" if s.mfu is not None else ""
+    return (f"done: {s.steps} steps, {s.tokens / 1e6:.2f}M tokens in {s.wall_s:.0f}s "
+            f"({s.tokens_per_s:,.0f} tok/s{mfu}); val loss {s.first_val_loss:.3f} -> {s.val_loss:.3f} "
+            f"nats/token; run dir {s.run_dir} (config.yaml, metrics.jsonl, events.jsonl, wandb/)")
+
+
+def train_from_file(config: str, overrides: list[str]) -> RunSummary:
+    summary = train(load_config(config, overrides))
+    if summary.run_dir.exists():  # only rank 0 has a run directory to describe
+        print(summary_line(summary))
+    return summary
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m keel.training", description="Run the training loop "
+                                     "in this process (what torchrun starts on each rank).")
+    add_train_args(parser)
+    args = parser.parse_args(argv)
+    guarded(lambda: train_from_file(args.config, args.overrides), args.debug)
