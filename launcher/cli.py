@@ -8,6 +8,10 @@ from ..training.run import add_train_args, guarded, train_from_file
 
 
 def cmd_train(args) -> None:
+    if args.nproc_per_node > 1:
+        from .local import run_torchrun
+
+        raise SystemExit(run_torchrun(args.config, args.overrides, args.nproc_per_node))
     train_from_file(args.config, args.overrides)
 
 
@@ -15,7 +19,7 @@ def cmd_estimate(args) -> None:
     from .estimate import print_estimate
     from ..training.config import load_config
 
-    print_estimate(load_config(args.config, args.overrides))
+    print_estimate(load_config(args.config, args.overrides), args.world_size)
 
 
 def cmd_data_prepare(args) -> None:
@@ -34,11 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model in the foreground")
     add_train_args(p)
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="start N local processes (torchrun) for a parallel layout, e.g. --set parallel.tp=2")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("estimate", help="parameters, FLOPs per token and memory per device of a config")
     add_train_args(p)
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="number of devices the layout runs on (parallel degrees of -1 fill the rest)")
     p.set_defaults(func=cmd_estimate)
+
+    from ..kernels.bench import add_bench_parser
+
+    add_bench_parser(sub)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command",
                                                                                  required=True, metavar="ACTION")

@@ -42,3 +42,39 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel replicas in total: how many slices the global batch is cut into."""
         return self.dp_replicate * self.dp_shard
+
+
+def check_layout(cfg, dims: ParallelDims) -> None:
+    """Model- and batch-dependent checks, before any process builds anything (cfg: training Config)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if dims.tp > 1:
+        for name in ("n_heads", "n_kv_heads"):
+            if getattr(m, name) % dims.tp:
+                raise LayoutError(f"parallel.tp={dims.tp} does not divide model.{name}={getattr(m, name)}; "
+                                  f"each tensor-parallel rank must hold whole heads")
+        if m.hidden_dim % dims.tp:
+            raise LayoutError(f"parallel.tp={dims.tp} does not divide the FFN hidden size {m.hidden_dim}")
+        if m.vocab_size % dims.tp:
+            raise LayoutError(f"parallel.tp={dims.tp} does not divide model.vocab_size={m.vocab_size}")
+        if m.qk_norm:
+            raise LayoutError("model.qk_norm with parallel.tp > 1 is not supported yet (its gains would see only "
+                              "the local heads' gradients); set model.qk_norm=false or parallel.tp=1")
+        if m.z_loss and p.loss_parallel:
+            raise LayoutError("model.z_loss needs the full logits; with parallel.tp > 1 set "
+                              "parallel.loss_parallel=false")
+    if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
+        raise LayoutError("model.tie_embeddings needs the embedding and the output layer in one place; it cannot "
+                          "be combined with parallel.tp > 1 or parallel.pp > 1 yet")
+    if t.global_batch_size % (dims.dp * t.micro_batch_size):
+        raise LayoutError(f"train.global_batch_size={t.global_batch_size} must be a multiple of data-parallel "
+                          f"degree {dims.dp} x train.micro_batch_size={t.micro_batch_size}")
+    if dims.pp > 1:
+        stages = dims.pp * p.pp_stages_per_rank
+        if m.n_layers < stages:
+            raise LayoutError(f"{stages} pipeline stages (parallel.pp={dims.pp} x pp_stages_per_rank="
+                              f"{p.pp_stages_per_rank}) need at least as many layers, model.n_layers={m.n_layers}")
+        micro = t.global_batch_size // dims.dp // t.micro_batch_size
+        if micro < dims.pp:
+            raise LayoutError(f"the pipeline has {micro} micro-batches per step but {dims.pp} stages; make "
+                              f"train.global_batch_size / (data-parallel degree x micro_batch_size) >= "
+                              f"parallel.pp")

@@ -34,6 +34,12 @@ TINY = [
 
 
 @pytest.fixture
+def tiny_overrides() -> list[str]:
+    """The tiny model's settings as `a.b=v` strings, for runs started as subprocesses."""
+    return list(TINY)
+
+
+@pytest.fixture
 def tiny_config(corpus_dir, tmp_path):
     """Build a tiny config on the test corpus; extra `a.b=v` overrides win."""
     def make(*overrides: str):

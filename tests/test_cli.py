@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
-
 ROOT = Path(__file__).parent.parent
 KEEL = [sys.executable, "-m", "keel.launcher.cli"]
 
@@ -40,7 +38,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_prepare_then_train_on_it_with_python_dash_m(tmp_path):
+def test_prepare_then_train_on_it_with_python_dash_m(tmp_path, tiny_overrides):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n" * 20}) + "\n"
                            for i in range(50)))
@@ -48,15 +46,15 @@ def test_prepare_then_train_on_it_with_python_dash_m(tmp_path):
     assert prep.returncode == 0, prep.stderr
     assert f"--set data.path={tmp_path / 'data'}" in prep.stdout
     trained = run([sys.executable, "-m", "keel.training", "configs/tiny.yaml",
-                   *sets(*TINY, "train.steps=5", f"data.path={tmp_path / 'data'}", f"train.output_dir={tmp_path}")])
+                   *sets(*tiny_overrides, "train.steps=5", f"data.path={tmp_path / 'data'}", f"train.output_dir={tmp_path}")])
     assert trained.returncode == 0, trained.stderr
     assert "done: 5 steps" in trained.stdout and (tmp_path / "tiny" / "metrics.jsonl").is_file()
 
 
-def test_runs_under_torchrun(tmp_path, corpus_dir):
+def test_runs_under_torchrun(tmp_path, corpus_dir, tiny_overrides):
     result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
                   "127.0.0.1", "--master-port", "29517", "-m", "keel.training", "configs/tiny.yaml",
-                  *sets(*TINY, "train.steps=3", f"data.path={corpus_dir}", f"train.output_dir={tmp_path}")])
+                  *sets(*tiny_overrides, "train.steps=3", f"data.path={corpus_dir}", f"train.output_dir={tmp_path}")])
     assert result.returncode == 0, result.stderr
     assert "done: 3 steps" in result.stdout
 

@@ -38,3 +38,17 @@ def test_memory_estimate_counts_fp32_weights_grads_and_two_adam_moments():
     mem = memory_per_device(cfg, seq_len=32, micro_batch_size=4)
     assert (mem.weights, mem.grads, mem.optimizer) == (4 * 106816, 4 * 106816, 8 * 106816)
     assert memory_per_device(cfg, 32, 8).activations == 2 * mem.activations
+
+
+def test_memory_per_device_falls_with_each_parallel_degree():
+    cfg = ModelConfig(**SMALL)
+    one = memory_per_device(cfg, 32, 4)
+    fsdp = memory_per_device(cfg, 32, 4, dp_shard=4)
+    tp = memory_per_device(cfg, 32, 4, tp=2)
+    pp = memory_per_device(cfg, 32, 4, pp=2, micro_batches_in_flight=2)
+    assert fsdp.weights == one.weights / 4 and fsdp.optimizer == one.optimizer / 4
+    assert fsdp.activations == one.activations  # FSDP shards state, not activations
+    assert tp.weights == one.weights / 2 and tp.activations == one.activations / 2  # sequence parallel
+    assert pp.weights == one.weights / 2
+    # the first stage holds half the layers but two micro-batches of them, and no logits
+    assert pp.activations < one.activations

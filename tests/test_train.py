@@ -49,3 +49,16 @@ def test_wandb_offline_writes_a_local_run(tiny_config, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     summary = train(tiny_config("train.steps=3", "logging.wandb.mode=offline"))
     assert list((summary.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_recomputes_without_changing_losses(tiny_config, mode):
+    plain = losses(train(tiny_config("train.steps=5")).run_dir)
+    checkpointed = losses(train(tiny_config("train.steps=5", f"parallel.activation_checkpoint={mode}")).run_dir)
+    assert checkpointed == pytest.approx(plain, rel=1e-6)
+
+
+def test_compiled_blocks_train_to_the_same_losses(tiny_config):
+    plain = losses(train(tiny_config("train.steps=3")).run_dir)
+    compiled = losses(train(tiny_config("train.steps=3", "parallel.compile=true")).run_dir)
+    assert compiled == pytest.approx(plain, rel=1e-4)

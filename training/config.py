@@ -28,8 +28,9 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class AttentionConfig:
-    # "auto" picks the fastest kernel that is available and correct for the device (SDPA on CPU).
-    impl: str = "auto"
+    # "auto" picks the fastest kernel that is available and correct for the device (SDPA on CPU);
+    # see kernels/README.md for what each of sdpa, triton, cuda and flash_attn supports.
+    impl: Literal["auto", "sdpa", "triton", "cuda", "flash_attn"] = "auto"
 
 
 @dataclass
@@ -164,8 +165,24 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     engine: Literal["native", "deepspeed", "megatron"] = "native"
+    # Pipeline schedule; the interleaved ones run pp_stages_per_rank stages on each rank. The micro-batches
+    # are train.micro_batch_size rows each. (torch's ZBVZeroBubble is left out: its forward-only eval
+    # fails in torch 2.13.)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble"] = "1f1b"
+    pp_stages_per_rank: int = 1
+    # Recompute activations in the backward pass: "full" per block, "selective" every other block.
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    compile: bool = False  # torch.compile each block
+    # With tp > 1, compute the cross-entropy on the vocab-sharded logits instead of gathering them.
+    loss_parallel: bool = True
 
     def __post_init__(self):
+        _require(self.pp_stages_per_rank >= 1,
+                 f"parallel.pp_stages_per_rank must be >= 1, got {self.pp_stages_per_rank}")
+        if self.pp_schedule in ("gpipe", "1f1b"):
+            _require(self.pp_stages_per_rank == 1, f"parallel.pp_schedule={self.pp_schedule} runs one stage per "
+                     f"rank; set parallel.pp_stages_per_rank=1 or pick an interleaved schedule")
+
         degrees = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp}
         for name, d in degrees.items():
             _require(d == -1 or d >= 1, f"parallel.{name} must be >= 1 or -1 (the rest), got {d}")

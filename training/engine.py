@@ -7,14 +7,20 @@ megatron-core) stays behind this interface, so new engines plug in without touch
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import Config
+from ..parallel.data_parallel import apply_activation_checkpointing, apply_compile
+from ..parallel.materialise import materialise
+from .config import Config, ConfigError
 from .device import autocast
 from .loss import lm_loss
 from .model import Transformer, build_model
+
+if TYPE_CHECKING:
+    from ..parallel.dims import ParallelDims
 
 
 class Engine(ABC):
@@ -68,8 +74,11 @@ class LocalEngine(Engine):
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         model = build_model(cfg.model, device="meta")
-        model.to_empty(device=device)
-        model.init_weights(seed=cfg.train.seed)
+        if cfg.parallel.activation_checkpoint != "none":
+            apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+        if cfg.parallel.compile:
+            apply_compile(model)
+        materialise(model, device, cfg.train.seed)
         self.model: Transformer = model
         self.optimizer = adamw(model, cfg, device)
 
@@ -123,9 +132,12 @@ class LocalEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def make_engine(cfg: Config, device: torch.device, world_size: int = 1) -> Engine:
-    if world_size == 1:
+def make_engine(cfg: Config, device: torch.device, dims: "ParallelDims") -> Engine:
+    if cfg.parallel.engine != "native":
+        raise ConfigError(f"parallel.engine={cfg.parallel.engine} arrives with the DeepSpeed / megatron-core "
+                          f"engines issue; use parallel.engine=native")
+    if dims.world_size == 1:
         return LocalEngine(cfg, device)
-    raise NotImplementedError(
-        f"{world_size} processes: multi-process layouts (FSDP2/TP/PP) arrive with the parallelism issue; "
-        f"run one process for now")
+    from ..parallel.native import NativeEngine
+
+    return NativeEngine(cfg, device, dims)

@@ -77,18 +77,27 @@ class MemoryEstimate:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, precision: str = "fp32"
+def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, precision: str = "fp32",
+                      dp_shard: int = 1, tp: int = 1, pp: int = 1, micro_batches_in_flight: int = 1
                       ) -> MemoryEstimate:
-    """Bytes per device on one process (the parallel layout divides these; see `keel estimate`).
+    """Bytes on the busiest device (the first pipeline stage) for a parallel layout.
 
-    Weights and grads are kept in fp32 (autocast computes in bf16 but the master copy stays fp32);
-    AdamW keeps two fp32 moments. Activations follow Korthikanti et al. 2022 (Reducing Activation
-    Recomputation, eq. 1) per layer: s*b*h*(34 + 5*a*s/h) bytes at 16-bit without recomputation; the
-    5*a*s/h score-matrix term is dropped because fused/SDPA attention never stores the T x T scores; fp32
-    activations double it. Logits add s*b*V*4 bytes (fp32) for the loss.
+    Weights and grads are kept in fp32 (autocast / FSDP mixed precision compute in bf16 but the master
+    copy stays fp32); AdamW keeps two fp32 moments. FSDP shards all three over dp_shard (dp_replicate
+    holds copies, so it does not divide them), tensor parallel over tp, pipeline parallel over pp.
+    Activations follow Korthikanti et al. 2022 (Reducing Activation Recomputation, eq. 1) per layer:
+    s*b*h*(34 + 5*a*s/h) bytes at 16-bit without recomputation; the 5*a*s/h score-matrix term is dropped
+    because fused/SDPA attention never stores the T x T scores, and fp32 doubles it. With sequence
+    parallelism all of it is divided by tp. A pipeline stage holds n_layers/pp layers, but keeps
+    `micro_batches_in_flight` micro-batches of them (1F1B: up to pp; GPipe: all of them). Logits and
+    their gradient add s*b*V*4*2 bytes (fp32, vocab-sharded by tp) on the last stage; they are counted
+    whenever pp == 1. Not counted: FSDP's transient all-gather of one block, allocator fragmentation.
     """
-    n = count_params(cfg).total
+    n = count_params(cfg).total / (dp_shard * tp * pp)
     s, b, h = seq_len, micro_batch_size, cfg.dim
-    per_layer = s * b * h * 34 * (BYTES[precision] / 2)
-    activations = cfg.n_layers * per_layer + s * b * cfg.vocab_size * 4 * 2  # logits and their grad
+    per_layer = s * b * h * 34 * (BYTES[precision] / 2) / tp
+    layers_per_stage = cfg.n_layers / pp
+    activations = layers_per_stage * per_layer * micro_batches_in_flight
+    if pp == 1:
+        activations += s * b * cfg.vocab_size * 4 * 2 / tp
     return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=activations)

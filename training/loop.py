@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..parallel.dims import ParallelDims
+import torch.distributed as dist
+
+from ..kernels.attention import check_attention_impl
+from ..parallel.dims import ParallelDims, check_layout
+from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, dump_config
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
@@ -58,6 +62,15 @@ def resolve_data(cfg: Config, progress: bool = True) -> Path:
     return data_dir
 
 
+def check_attention(cfg: Config, device: torch.device) -> None:
+    """A kernel that cannot run this model on this device says so now, not with a wrong result later."""
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    try:
+        check_attention_impl(cfg.model.attention.impl, cfg.model.head_dim, dtype, device.type)
+    except ValueError as e:
+        raise ConfigError(f"model.attention.impl: {e}") from e
+
+
 def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
     # A fresh loader each time: every evaluation scores the same held-out batches, so points compare.
     loader = BatchLoader(windows, cfg.train.global_batch_size, engine.dp_rank, engine.dp_size, seed=cfg.train.seed)
@@ -67,16 +80,35 @@ def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
 
 def train(cfg: Config, env: RankEnv | None = None) -> RunSummary:
     env = env or RankEnv.from_environ()
-    ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.pp,
-                         env.world_size)
+    dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp,
+                                cfg.parallel.pp, env.world_size)
+    check_layout(cfg, dims)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    is_main = env.rank == 0
-    data_dir = resolve_data(cfg, progress=is_main and cfg.logging.progress)
     device = pick_device(cfg.train.device, env.local_rank)
+    check_attention(cfg, device)
+    distributed = env.world_size > 1
+    if distributed:
+        init_distributed(device)
+    try:
+        return _train(cfg, env, dims, device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device) -> RunSummary:
+    is_main = env.rank == 0
+    # Rank 0 prepares the corpus if it is missing; the others wait and then find it ready.
+    if is_main:
+        data_dir = resolve_data(cfg, progress=cfg.logging.progress)
+    if env.world_size > 1:
+        dist.barrier()
+    if not is_main:
+        data_dir = resolve_data(cfg, progress=False)
     seed_everything(cfg.train.seed)
 
-    engine = make_engine(cfg, device, env.world_size)
+    engine = make_engine(cfg, device, dims)
     T, G = cfg.data.seq_len, cfg.train.global_batch_size
     train_loader = BatchLoader(TokenWindows(data_dir, "train", T), G, engine.dp_rank, engine.dp_size,
                                seed=cfg.train.seed)
@@ -87,10 +119,12 @@ def train(cfg: Config, env: RankEnv | None = None) -> RunSummary:
     if is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     flops_per_token = training_flops_per_token(cfg.model, T)
-    peak, peak_source = peak_flops(device, cfg.train.precision)
-    log.print(f"run {run_dir} | data {data_dir} | device {device} | MFU against {peak / 1e12:.2f} TFLOP/s "
-              f"({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
-    log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device))
+    # Only rank 0 reports MFU; measuring on every rank at once would also share the cores being measured.
+    peak, peak_source = peak_flops(device, cfg.train.precision) if is_main else (float("nan"), "")
+    layout = f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} pp={dims.pp}"
+    log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout}) | MFU against "
+              f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
+    log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout)
 
     tokens_per_step = G * T
     start = time.perf_counter()

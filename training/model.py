@@ -9,6 +9,7 @@ V vocab.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
 
     def forward(self, x):
         # Normalise in fp32: bf16 sums of squares lose the precision that keeps the norm stable.
@@ -121,33 +119,49 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None):
-        """Fill every parameter and buffer; call after `to_empty()` when built on the meta device."""
-        # to_empty() materialises each module's parameters separately, which unties shared ones.
-        self.tie_weights()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.rope_cos.device).manual_seed(seed)
+    def init_weights(self, seed: int = 0):
+        """Fill every parameter and buffer of an unwrapped, unsharded model after `to_empty()`
+        (parallel.materialise does the same for wrapped and sharded ones)."""
+        self.tie_weights()  # to_empty() materialises each module's parameters separately, untying them
+        self.init_buffers()
+        for name, param in self.named_parameters():
+            param.copy_(initial_value(self.cfg, name, param.shape, seed))
+
+    @torch.no_grad()
+    def init_buffers(self):
         cfg = self.cfg
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        # Residual-stream output projections get std / sqrt(2 * n_layers) so the residual's variance
-        # does not grow with depth (GPT-2's scaled init).
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                std = out_std if name.endswith(("wo", "w2")) else cfg.init_std
-                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std, generator=generator)
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> logits [B, T, V] (fp32 at the output so the loss is computed in fp32)."""
-        h_BTD = self.tok_embeddings(tokens_BT)
+        """Token ids [B, T] -> logits [B, T, V] (fp32 at the output so the loss is computed in fp32).
+
+        A pipeline stage that lacks the embedding takes hidden states [B, T, D] instead, and one that
+        lacks the head returns hidden states (parallel/pipeline.py removes what a stage does not own).
+        """
+        h_BTD = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
         for layer in self.layers.values():
             h_BTD = layer(h_BTD, self.rope_cos, self.rope_sin)
+        if self.output is None:
+            return h_BTD
         return self.output(self.norm(h_BTD)).float()
+
+
+def initial_value(cfg: ModelConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """The initial value of parameter `name`, identical whatever the parallel layout.
+
+    Each parameter draws from its own generator seeded by (seed, name), so a tensor-parallel shard, a
+    pipeline stage holding layers 4-7 or a single process all start from the same weights.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    # Residual-stream output projections get std / sqrt(2 * n_layers) so the residual's variance
+    # does not grow with depth (GPT-2's scaled init).
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    out = torch.empty(shape)
+    return nn.init.trunc_normal_(out, std=std, a=-3 * std, b=3 * std, generator=generator)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transformer:

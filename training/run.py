@@ -11,7 +11,7 @@ from typing import Callable, TypeVar
 from ..parallel.dims import LayoutError
 from .config import ConfigError, load_config
 from .corpus import DataError
-from .loop import RunSummary, train
+from .loop import RankEnv, RunSummary, train
 
 # Errors caused by what the user asked for: shown as one line, no traceback unless --debug.
 USER_ERRORS = (ConfigError, DataError, LayoutError)
@@ -36,8 +36,9 @@ def summary_line(s: RunSummary) -> str:
 
 
 def train_from_file(config: str, overrides: list[str]) -> RunSummary:
-    summary = train(load_config(config, overrides))
-    if summary.run_dir.exists():  # only rank 0 has a run directory to describe
+    env = RankEnv.from_environ()
+    summary = train(load_config(config, overrides), env)
+    if env.rank == 0:
         print(summary_line(summary))
     return summary
 
