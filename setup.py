@@ -1,5 +1,20 @@
-"""Installs each top-level folder as a subpackage of `keel` (keel.training <- training/, ...)."""
+"""Installs each top-level folder as a subpackage of `keel` (keel.training <- training/, ...).
+
+KEEL_BUILD_CUDA=1 also builds the CUDA kernels ahead of time (kernels/cuda_build.py); otherwise they are
+built just in time on first use.
+"""
+import importlib.util
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _cuda_build():
+    # Loaded by path: importing keel.kernels would need the package this script is installing.
+    spec = importlib.util.spec_from_file_location("keel_cuda_build", Path(__file__).parent / "kernels" / "cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # The top-level folders named by the design card; each becomes keel.<folder>.
 SUBPACKAGES = ["launcher", "parallel", "kernels", "checkpoints", "training", "scaling"]
@@ -44,4 +59,5 @@ setup(
         "triton": ["triton==3.9.0"],
     },
     entry_points={"console_scripts": ["keel=keel.launcher.cli:main"]},
+    **_cuda_build().setup_kwargs(),
 )
