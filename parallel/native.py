@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from ..checkpoints.state import load_model_optim_state, model_optim_state
 from ..training.config import Config
 from ..training.device import autocast
 from ..training.engine import Engine, adamw
@@ -61,7 +62,9 @@ class NativeEngine(Engine):
             materialise(part, device, cfg.train.seed)
         self.parts = parts
         self.model = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
-        self.optimizer = adamw(self.model, cfg, device)
+        # One optimizer per model part, so each part's optimizer state is keyed by its own parameter names
+        # (the same names in every layout: checkpoints reshard between layouts).
+        self.optimizers = [adamw(part, cfg, device) for part in parts]
 
         local_batch = cfg.train.global_batch_size // self.dp_size
         self.n_micro = local_batch // cfg.train.micro_batch_size
@@ -144,13 +147,15 @@ class NativeEngine(Engine):
         return norm.item()
 
     def optimizer_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def eval_loss(self, inputs_bT, targets_bT) -> float:
@@ -166,8 +171,7 @@ class NativeEngine(Engine):
         return self._global_mean(total / len(chunks))
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return model_optim_state(self.parts, self.optimizers)
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_optim_state(self.parts, self.optimizers, state)

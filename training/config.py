@@ -192,16 +192,54 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Not yet acted on by the trainer: sharded, atomically committed checkpoints land with issue 5.
-    interval: int = 0  # steps between saves; 0 = never
+    interval: int = 0  # steps between saves (and one at the last step); 0 = never save
+    # Where checkpoints live; None = <run dir>/checkpoints.
+    folder: Optional[str] = None
+    # Retention: the newest keep_last, plus every keep_every-th step (0 = none kept for good).
     keep_last: int = 3
+    keep_every: int = 0
+    # Write in the background while training goes on (at most one save in flight).
     async_save: bool = True
+    # "auto": resume from the newest committed checkpoint of this run, if any; "never"; or a checkpoint path.
+    resume: str = "auto"
+
+    def __post_init__(self):
+        for name in ("interval", "keep_every"):
+            _require(getattr(self, name) >= 0, f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (the newest is always kept), "
+                 f"got {self.keep_last}")
+
+
+STABILITY_ACTIONS = "skip_step | rollback(skip_batches=N) | lower_lr(factor=F, steps=N)"
 
 
 @dataclass
 class StabilityConfig:
-    # Not yet acted on by the trainer: loss-spike detection and remediation land with issue 7.
-    enabled: bool = False
+    # Judge every step's loss and gradient norm against the median/MAD of the last `window` healthy steps
+    # (training/stability.py says why); judgments start after `warmup` steps. Non-finite values are
+    # anomalies at once: their update is never applied.
+    enabled: bool = True
+    window: int = 100
+    warmup: int = 50
+    loss_z: float = 6.0           # a spike: loss this many robust standard deviations above the baseline
+    grad_z: float = 20.0          # ... or log(gradient norm) this many (heavy-tailed: see stability.py)
+    divergence_z: float = 3.0     # a divergence: the loss above this z for divergence_steps steps in a row
+    divergence_steps: int = 20
+    # What to do, in order of escalation: the first anomaly gets the first action, another one within
+    # escalate_within steps of the previous the next, and so on (the last repeats). See STABILITY_ACTIONS.
+    actions: list[str] = field(default_factory=lambda: ["skip_step", "rollback(skip_batches=200)",
+                                                         "lower_lr(factor=0.5, steps=100)"])
+    escalate_within: int = 10
+    max_rollbacks: int = 3        # then the run stops with a report of the steps and batches involved
+
+    def __post_init__(self):
+        from .stability import parse_action  # the grammar lives with the code that acts on it
+
+        _require(self.actions != [], f"stability.actions must name at least one of {STABILITY_ACTIONS}")
+        for action in self.actions:
+            parse_action(action)
+        _require(1 <= self.warmup <= self.window, f"stability: need 1 <= warmup <= window, got "
+                 f"warmup={self.warmup}, window={self.window}")
 
 
 @dataclass
@@ -222,11 +260,38 @@ class LoggingConfig:
         _require(self.log_every > 0, f"logging.log_every must be positive, got {self.log_every}")
 
 
+FAULT_ACTIONS = ("kill", "hang", "raise", "kill_in_save", "nan", "garbage", "lr_spike")
+FAULT_FORM = ("ACTION[:rRANK]@STEP or ACTION@FIRST-LAST, ACTION one of kill|hang|raise|kill_in_save|nan|garbage|"
+              "lr_spike (e.g. kill@23, hang:r1@15, garbage@150-160)")
+
+
 @dataclass
 class FaultConfig:
-    # Not yet acted on by the trainer: supervision and automatic restart land with issue 6.
     max_restarts: int = 3
+    # No step on some rank for this long (counted from the group's start) is a hang: restart.
     hang_timeout_s: float = 300.0
+    # How long a restart waits for the cluster to have room for the whole group again (a lost node
+    # to be replaced) before the run gives up.
+    capacity_timeout_s: float = 300.0
+    # Before a group's first step (imports, process group, data, checkpoint restore) the hang clock
+    # allows this much instead.
+    startup_timeout_s: float = 600.0
+    # Failures to inject, for tests and drills (see training/faults.py): "kill@23" SIGKILLs every rank
+    # right after step 23, "hang:r1@15" stops rank 1 after step 15, "raise:r0@10" raises in rank 0,
+    # "kill_in_save@30" SIGKILLs while the step-30 checkpoint is being written, before it commits.
+    # For the stability drills: "nan@40" makes step 40's gradients NaN, "garbage@150-160" replaces the
+    # batches first served at steps 150..160 with random tokens, "lr_spike@200-205" multiplies the
+    # learning rate of steps 200..205 by 100 (once: a replay after a rollback runs clean).
+    inject: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        from .faults import parse_fault  # the grammar lives with the code that carries faults out
+
+        for spec in self.inject:
+            parse_fault(spec)
+        _require(self.max_restarts >= 0, f"fault.max_restarts must be >= 0, got {self.max_restarts}")
+        for name in ("hang_timeout_s", "capacity_timeout_s", "startup_timeout_s"):
+            _require(getattr(self, name) > 0, f"fault.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -255,6 +320,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
     if typing.get_origin(tp) is tuple:
         return f"tuple[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
@@ -278,6 +345,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}{hint}")
+    elif origin is list:
+        (arg,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):  # `--set fault.inject=kill@23`: a single item
+            return [_coerce(value, arg, where)]
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..checkpoints.state import load_model_optim_state, model_optim_state
 from ..parallel.data_parallel import apply_activation_checkpointing, apply_compile
 from ..parallel.materialise import materialise
 from .config import Config, ConfigError
@@ -52,7 +53,8 @@ class Engine(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict:
-        """Model and optimizer state, for checkpoints."""
+        """Model and optimizer state for torch.distributed.checkpoint, keyed the same in every layout
+        (see checkpoints/state.py), holding the live tensors: loading into it in place loads them."""
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
@@ -125,11 +127,10 @@ class LocalEngine(Engine):
         return total / len(chunks)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return model_optim_state([self.model], [self.optimizer])
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_optim_state([self.model], [self.optimizer], state)
 
 
 def make_engine(cfg: Config, device: torch.device, dims: "ParallelDims") -> Engine:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -14,10 +15,13 @@ from ..kernels.attention import check_attention_impl
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, dump_config
+from ..checkpoints.manager import Checkpointer
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
 from .device import peak_flops, pick_device, seed_everything
 from .engine import Engine, make_engine
+from .faults import FaultInjector
+from .stability import Action, Stabilizer, StabilityError, Verdict
 from .flops import training_flops_per_token
 from .metrics import RunLogger, peak_memory_gb
 from .schedule import lr_at
@@ -34,6 +38,7 @@ class RunSummary:
     wall_s: float
     tokens_per_s: float   # mean over steps after the first (the first pays one-off warm-up costs)
     mfu: float | None
+    incidents: list[dict] = field(default_factory=list)  # loss anomalies and what was done about them
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,50 @@ def check_attention(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"model.attention.impl: {e}") from e
 
 
+# Events worth a console line as well as a line in events.jsonl.
+LOUD = {"checkpoint_skipped": "yellow", "checkpoint_failed": "red", "rng_not_restored": "yellow",
+        "resumed": "green", "checkpoint_saved": "dim", "anomaly": "red", "rollback": "yellow",
+        "checkpoints_set_aside": "yellow"}
+
+
+def report(log: RunLogger, kind: str, **fields) -> None:
+    log.event(kind, **fields)
+    if kind in LOUD:
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        log.print(f"[{LOUD[kind]}]{kind.replace('_', ' ')}[/]: {text}")
+
+
+def remediate(action: Action, verdict: Verdict, stability: Stabilizer, engine: Engine, ckpt: Checkpointer,
+              loader: BatchLoader, log: RunLogger) -> int | None:
+    """Carry out `action` for an anomalous step (whose update was already dropped). Returns the step to
+    continue from after a rollback, else None."""
+    report(log, "anomaly", step=verdict.step, verdict=verdict.kind, reason=verdict.reason, action=str(action),
+           z_loss=round(verdict.z_loss, 2), z_grad=round(verdict.z_grad, 2))
+    if action.name != "rollback":
+        return None
+    ckpt.wait()
+    # The newest checkpoint from before the trouble began: the first anomaly of this episode showed in
+    # the loss at step `onset`, so the update of step onset - 1 may be the cause; go back before it.
+    target = ckpt.choose("auto", before=stability.onset - 1)
+    if target is None:
+        raise StabilityError(stability.report(f"no committed checkpoint before step {stability.onset - 1} to roll "
+                                              f"back to; set checkpoint.interval"))
+    served = loader.batch - 1  # the batch of the step that triggered the rollback
+    skips = list(loader.skip_ranges)  # earlier rollbacks' skips stay, whatever the checkpoint remembers
+    trainer = ckpt.restore(engine, target)
+    loader.load_state_dict(trainer["loader"])
+    for start, stop in skips:
+        loader.skip(start, stop)
+    # Skip the batches that led up to the trouble, from the checkpoint's position to skip_batches past the
+    # one that triggered this (PaLM skipped 200-500 batches around each spike).
+    skipped = [loader.batch, served + 1 + action.skip_batches]
+    loader.skip(*skipped)
+    stability.incidents[-1]["skipped"] = skipped
+    report(log, "rollback", from_step=verdict.step, to_step=trainer["step"], checkpoint=str(target),
+           skipped_batches=skipped, rollbacks=stability.rollbacks)
+    return trainer["step"]
+
+
 def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
     # A fresh loader each time: every evaluation scores the same held-out batches, so points compare.
     loader = BatchLoader(windows, cfg.train.global_batch_size, engine.dp_rank, engine.dp_size, seed=cfg.train.seed)
@@ -78,7 +127,9 @@ def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
     return sum(losses) / len(losses)
 
 
-def train(cfg: Config, env: RankEnv | None = None) -> RunSummary:
+def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], None] | None = None) -> RunSummary:
+    """Run (or resume) the training of `cfg` on this rank. `on_step` receives every step's record (the
+    launcher's heartbeat)."""
     env = env or RankEnv.from_environ()
     dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp,
                                 cfg.parallel.pp, env.world_size)
@@ -91,13 +142,14 @@ def train(cfg: Config, env: RankEnv | None = None) -> RunSummary:
     if distributed:
         init_distributed(device)
     try:
-        return _train(cfg, env, dims, device)
+        return _train(cfg, env, dims, device, on_step)
     finally:
         if distributed:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device) -> RunSummary:
+def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
+           on_step: Callable[[dict], None] | None) -> RunSummary:
     is_main = env.rank == 0
     # Rank 0 prepares the corpus if it is missing; the others wait and then find it ready.
     if is_main:
@@ -115,31 +167,63 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device) 
     val_windows = TokenWindows(data_dir, "val", T)
 
     run_dir = Path(cfg.train.output_dir) / cfg.train.name
-    log = RunLogger(cfg, run_dir, enabled=is_main)
+    faults = FaultInjector(cfg.fault.inject, env.rank, run_dir)
+    layout = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "pp": dims.pp}
+    early_events: list[tuple[str, dict]] = []  # what restore has to say before the logger exists
+    ckpt = Checkpointer(cfg, Path(cfg.checkpoint.folder or run_dir / "checkpoints"), env.rank, env.world_size,
+                        layout, event=lambda kind, **f: early_events.append((kind, f)), before_commit=faults.in_save)
+    resume_from = ckpt.choose(cfg.checkpoint.resume)
+    if cfg.checkpoint.resume == "never":
+        ckpt.set_aside()
+    log = RunLogger(cfg, run_dir, enabled=is_main, fresh=resume_from is None)
+    ckpt.event = lambda kind, **f: report(log, kind, **f)
+    for kind, fields in early_events:
+        report(log, kind, **fields)
     if is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     flops_per_token = training_flops_per_token(cfg.model, T)
     # Only rank 0 reports MFU; measuring on every rank at once would also share the cores being measured.
     peak, peak_source = peak_flops(device, cfg.train.precision) if is_main else (float("nan"), "")
-    layout = f"dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} pp={dims.pp}"
-    log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout}) | MFU against "
+    layout_text = " ".join(f"{k}={v}" for k, v in layout.items())
+    log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout_text}) | MFU against "
               f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
     log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout)
 
+    start_step, first_val = 0, None
+    stability = Stabilizer(cfg.stability)
+    if resume_from is not None:
+        trainer = ckpt.restore(engine, resume_from)
+        train_loader.load_state_dict(trainer["loader"])
+        stability.load_state_dict(trainer["stability"])
+        start_step, first_val = trainer["step"], trainer["first_val_loss"]
+        report(log, "resumed", step=start_step, path=str(resume_from))
+
     tokens_per_step = G * T
     start = time.perf_counter()
-    first_val = evaluate(engine, val_windows, cfg)
-    log.eval(0, first_val)
+    if first_val is None:
+        first_val = evaluate(engine, val_windows, cfg)
+        log.eval(0, first_val)
     val_loss, loss, step_times, warned_mfu = first_val, float("nan"), [], False
     # A step's time runs from the end of the previous step's compute to the end of its own, so the
-    # logging of the previous step is paid for; evaluation time is excluded from throughput.
+    # logging of the previous step is paid for; evaluation and checkpoint saves are excluded from
+    # throughput (benchmarks/checkpoint.py measures what a save blocks).
     last = time.perf_counter()
-    for step in range(1, cfg.train.steps + 1):
-        lr = lr_at(step - 1, cfg.optim.lr, cfg.train.steps, cfg.schedule)
+    step = start_step
+    while step < cfg.train.steps:
+        step += 1
+        scheduled_lr = lr_at(step - 1, cfg.optim.lr, cfg.train.steps, cfg.schedule) * faults.lr_factor(step)
         inputs, targets = next(train_loader)
+        inputs, targets = faults.garbage(train_loader.batch - 1, inputs, targets, cfg.model.vocab_size)
         loss = engine.forward_backward(inputs, targets)
+        faults.poison_gradients(step, engine.model)
         grad_norm = engine.clip_grad_norm(cfg.optim.grad_clip)
-        engine.optimizer_step(lr)
+        # Judged before the update, so that an anomalous update can be dropped (see Stabilizer.drops).
+        verdict, action = stability.judge(step, loss, grad_norm)
+        lr = scheduled_lr * stability.lr_factor(step)  # after judging: a lower_lr taken now applies at once
+        if stability.drops(verdict, action):
+            engine.zero_grad()
+        else:
+            engine.optimizer_step(lr)
         now = time.perf_counter()  # .item() in the engine already waited for the device
         dt, last = now - last, now
         step_times.append(dt)
@@ -149,20 +233,41 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device) 
             warned_mfu = True
             log.print(f"[yellow]warning:[/] MFU {100 * mfu:.0f}% exceeds 100%, so the peak it is measured against "
                       f"({peak_source}) is too low; delete {cache_dir() / 'peak_flops.json'} to measure it again")
-        log.step({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": step * tokens_per_step,
-                  "tokens_per_s": tokens_per_s, "step_s": dt, "mfu": mfu, "peak_mem_gb": peak_memory_gb(device)})
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": step * tokens_per_step,
+                  "tokens_per_s": tokens_per_s, "step_s": dt, "mfu": mfu, "peak_mem_gb": peak_memory_gb(device),
+                  "verdict": verdict.kind}
+        log.step(record)
+        if on_step is not None:
+            on_step(record)
+        paused = time.perf_counter()
+        if action is not None:
+            resume_at = remediate(action, verdict, stability, engine, ckpt, train_loader, log)
+            if resume_at is not None:  # rolled back: carry on from the checkpoint's step
+                step = resume_at
+                last += time.perf_counter() - paused
+                continue
         if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            t_eval = time.perf_counter()
             val_loss = evaluate(engine, val_windows, cfg)
             log.eval(step, val_loss)
-            last += time.perf_counter() - t_eval
+        interval = cfg.checkpoint.interval
+        if interval and (step % interval == 0 or step == cfg.train.steps):
+            ckpt.save(step, engine, {"step": step, "tokens": step * tokens_per_step, "first_val_loss": first_val,
+                                     "loader": train_loader.state_dict(), "stability": stability.state_dict()})
+        faults.after_step(step)
+        last += time.perf_counter() - paused
+    if start_step >= cfg.train.steps:
+        log.print(f"the run was already complete at step {start_step}; to train again from scratch use "
+                  f"--resume never or another train.name")
+        val_loss = evaluate(engine, val_windows, cfg)
+    ckpt.close()
 
     wall = time.perf_counter() - start
     steady = step_times[1:] or step_times
-    mean_tps = tokens_per_step * len(steady) / sum(steady)
+    mean_tps = tokens_per_step * len(steady) / sum(steady) if steady else float("nan")
     summary = RunSummary(run_dir=run_dir, steps=cfg.train.steps, tokens=cfg.train.steps * tokens_per_step,
                          final_loss=loss, val_loss=val_loss, first_val_loss=first_val, wall_s=wall,
-                         tokens_per_s=mean_tps, mfu=flops_per_token * mean_tps / (peak * env.world_size))
+                         tokens_per_s=mean_tps, mfu=flops_per_token * mean_tps / (peak * env.world_size),
+                         incidents=stability.incidents)
     log.event("run_end", steps=summary.steps, tokens=summary.tokens, val_loss=val_loss, wall_s=wall)
     log.close()
     return summary

@@ -62,7 +62,8 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         w = self.cfg.logging.wandb
         return wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(self.run_dir),
-                          name=self.cfg.train.name, config=config_to_dict(self.cfg), reinit="finish_previous")
+                          name=self.cfg.train.name, config=config_to_dict(self.cfg), reinit="finish_previous",
+                          settings=wandb.Settings(console="off"))
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -75,8 +76,8 @@ class RunLogger:
         self._metrics.write(json.dumps({"kind": "step", "time": time.time(), **record}) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in record.items() if k != "step" and v is not None},
-                            step=record["step"])
+            numbers = {f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._wandb.log(numbers, step=record["step"])
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"],
                                   status=f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s")

@@ -8,13 +8,15 @@ import argparse
 import sys
 from typing import Callable, TypeVar
 
+from ..checkpoints.manager import CheckpointError
 from ..parallel.dims import LayoutError
 from .config import ConfigError, load_config
 from .corpus import DataError
 from .loop import RankEnv, RunSummary, train
+from .stability import StabilityError
 
 # Errors caused by what the user asked for: shown as one line, no traceback unless --debug.
-USER_ERRORS = (ConfigError, DataError, LayoutError)
+USER_ERRORS = (ConfigError, DataError, LayoutError, CheckpointError, StabilityError)
 T = TypeVar("T")
 
 
@@ -32,7 +34,10 @@ def summary_line(s: RunSummary) -> str:
     mfu = f", MFU {100 * s.mfu:.1f}%" if s.mfu is not None else ""
     return (f"done: {s.steps} steps, {s.tokens / 1e6:.2f}M tokens in {s.wall_s:.0f}s "
             f"({s.tokens_per_s:,.0f} tok/s{mfu}); val loss {s.first_val_loss:.3f} -> {s.val_loss:.3f} "
-            f"nats/token; run dir {s.run_dir} (config.yaml, metrics.jsonl, events.jsonl, wandb/)")
+            f"nats/token; run dir {s.run_dir} (config.yaml, metrics.jsonl, events.jsonl, wandb/)"
+            + (f"; {len(s.incidents)} loss anomalies handled: "
+               + ", ".join(f"step {i['step']} {i['kind']} -> {i['action']}" for i in s.incidents)
+               if s.incidents else ""))
 
 
 def train_from_file(config: str, overrides: list[str]) -> RunSummary:
