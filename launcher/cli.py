@@ -2,17 +2,82 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..training.run import add_train_args, guarded, train_from_file
 
 
 def cmd_train(args) -> None:
-    if args.nproc_per_node > 1:
+    if args.resume is not None:
+        args.overrides.append(f"checkpoint.resume={args.resume}")
+    launcher = args.launcher
+    if launcher == "auto":
+        # One process needs no cluster; several, or a cluster address, go through Ray.
+        from ..training.config import load_config
+        from .raylaunch import world_size_of
+
+        world = world_size_of(load_config(args.config, args.overrides), args.nproc_per_node, args.nnodes)
+        launcher = "ray" if world > 1 or args.address or os.environ.get("RAY_ADDRESS") else "inline"
+    if launcher == "torchrun":
         from .local import run_torchrun
 
-        raise SystemExit(run_torchrun(args.config, args.overrides, args.nproc_per_node))
+        raise SystemExit(run_torchrun(args.config, args.overrides, args.nproc_per_node or 1))
+    if launcher == "ray":
+        from .raylaunch import train_on_ray
+
+        train_on_ray(args.config, args.overrides, args.nproc_per_node, args.nnodes, args.address,
+                     args.cpus_per_worker, args.gpus_per_worker)
+        return
+    if (args.nproc_per_node or 1) > 1:
+        raise SystemExit("keel: error: --launcher inline runs one process; use ray or torchrun for more")
     train_from_file(args.config, args.overrides)
+
+
+def cmd_submit(args) -> None:
+    from .jobs import submit
+
+    extra = []
+    if args.nproc_per_node:
+        extra += ["--nproc-per-node", str(args.nproc_per_node)]
+    if args.nnodes != 1:
+        extra += ["--nnodes", str(args.nnodes)]
+    if args.resume:
+        extra += ["--resume", args.resume]
+    job_id = submit(args.config, args.overrides, args.address, extra, args.working_dir, args.python,
+                    args.nproc_per_node, args.nnodes)
+    print(job_id)
+
+
+def cmd_status(args) -> None:
+    from .jobs import status
+
+    print("\n".join(status(args.address, args.job)))
+
+
+def cmd_logs(args) -> None:
+    from .jobs import logs
+
+    logs(args.address, args.job, args.follow)
+
+
+def cmd_stop(args) -> None:
+    from .jobs import stop
+
+    print(f"{args.job}: {stop(args.address, args.job)}")
+
+
+def cmd_list(args) -> None:
+    from .jobs import list_jobs
+
+    print("\n".join(list_jobs(args.address)))
+
+
+def cmd_chaos(args) -> None:
+    from .jobs import chaos
+
+    v = chaos(args.address, args.seed)
+    print(f"killed {v['name'] or 'rank worker'} (pid {v['pid']}, actor {v['actor_id'][:12]}, node {v['node_id'][:12]})")
 
 
 def cmd_estimate(args) -> None:
@@ -32,15 +97,60 @@ def cmd_data_prepare(args) -> None:
           f"train on it with --set data.path={args.out}")
 
 
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="processes (ranks) per node; default: the product of the parallel degrees when none is "
+                        "-1 (so --set parallel.dp_shard=2 alone runs two), else 1")
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes to spread over (Ray cluster)")
+    p.add_argument("--resume", metavar="auto|never|PATH",
+                   help="resume from the newest committed checkpoint of the run (auto, the default), start "
+                        "afresh (never), or from a checkpoint folder (PATH); same as --set checkpoint.resume=...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Distributed LLM training that finishes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model in the foreground")
     add_train_args(p)
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="start N local processes (torchrun) for a parallel layout, e.g. --set parallel.tp=2")
+    add_layout_args(p)
+    p.add_argument("--launcher", choices=["auto", "ray", "torchrun", "inline"], default="auto",
+                   help="auto (default): one process in this one, several (or --address) on Ray with "
+                        "supervision and restart; torchrun: plain torchrun, no supervision (Slurm, debugging)")
+    p.add_argument("--address", help="Ray cluster to run on (HOST:PORT of the head, or RAY_ADDRESS); "
+                                     "default: an embedded Ray on this machine")
+    p.add_argument("--cpus-per-worker", type=float, metavar="N",
+                   help="CPUs reserved per rank (default: 1 on a cluster; the machine's cores shared out locally)")
+    p.add_argument("--gpus-per-worker", type=float, metavar="N",
+                   help="GPUs per rank (default: 1 when the cluster has GPUs and train.device allows, else 0)")
     p.set_defaults(func=cmd_train)
+
+    jobs_help = "the cluster's job API, http://HOST:8265 (default: RAY_ADDRESS)"
+    p = sub.add_parser("submit", help="run a config on a Ray cluster as a job (Ray Jobs API); prints the job id")
+    add_train_args(p)
+    add_layout_args(p)
+    p.add_argument("--address", help=jobs_help)
+    p.add_argument("--working-dir", default=".", help="folder sent with the job (holds the config); default .")
+    p.add_argument("--python", default="python", help="the cluster's Python with keel installed (default python)")
+    p.set_defaults(func=cmd_submit)
+    for name, fn, help_ in (("status", cmd_status, "state of a job (or the latest jobs)"),
+                            ("logs", cmd_logs, "a job's output"), ("stop", cmd_stop, "stop a job"),
+                            ("list", cmd_list, "jobs on the cluster, newest first")):
+        p = sub.add_parser(name, help=help_)
+        if name == "status":
+            p.add_argument("job", nargs="?")
+        elif name != "list":
+            p.add_argument("job")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+        p.add_argument("--address", help=jobs_help)
+        p.add_argument("--debug", action="store_true")
+        p.set_defaults(func=fn)
+    p = sub.add_parser("chaos", help="SIGKILL a random rank worker of a running job (a supervision drill)")
+    p.add_argument("--address", help="the cluster, HOST:PORT of the head's GCS (default: RAY_ADDRESS)")
+    p.add_argument("--seed", type=int, help="make the choice of victim repeatable")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("estimate", help="parameters, FLOPs per token and memory per device of a config")
     add_train_args(p)
@@ -49,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
 
     from ..kernels.bench import add_bench_parser
+    from .ckpt import add_ckpt_parser
 
     add_bench_parser(sub)
+    add_ckpt_parser(sub)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command",
                                                                                  required=True, metavar="ACTION")
@@ -66,9 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cluster import LauncherError
+
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        guarded(lambda: args.func(args), getattr(args, "debug", False))
+        guarded(lambda: args.func(args), debug)
+    except LauncherError as e:  # the cluster's or the job's problem, told like a config error
+        if debug:
+            raise
+        print(f"keel: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("keel: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -1,0 +1,168 @@
+"""Connecting to Ray: an embedded single-machine instance by default, an existing cluster when asked.
+
+Security defaults (see launcher/README.md): the embedded instance listens on 127.0.0.1 only, asks for no
+dashboard UI, and uses Ray's token authentication with a token made for this process.
+Connecting to a cluster uses the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class LauncherError(RuntimeError):
+    """Something about the cluster or the job that the user has to fix: shown as one line, exit 2."""
+
+
+@dataclass
+class Connection:
+    address: str | None   # None: the embedded instance this process started
+    embedded: bool
+    owned: bool = True     # False when the caller had already connected (a test, a notebook)
+    temp_dir: str | None = None  # the embedded instance's session files, removed with it
+
+    def close(self) -> None:
+        """Disconnect (and stop the embedded instance); a connection someone else made is left alone."""
+        import ray
+
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def use_token_if_available() -> None:
+    """A client talks token auth whenever it has a token, unless the user chose a mode explicitly."""
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    _refresh_ray_config()
+
+
+def _refresh_ray_config() -> None:
+    # Ray reads RAY_AUTH_MODE once, when it is imported; re-read it as ray's own token set-up does
+    # (ray._private.authentication.authentication_token_setup._enable_token_auth).
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    try:
+        AuthenticationTokenLoader.instance().reset_cache()
+    except AttributeError:
+        pass
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with the address in the message, rather than let ray.init retry for minutes."""
+    if address == "auto" or ("://" in address and not address.startswith("ray://")):
+        return
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise LauncherError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default) "
+                            f"or ray://HOST:10001")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise LauncherError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start one with "
+                            f"`ray start --head` (launcher/examples/) or fix --address / RAY_ADDRESS") from None
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+            system_config: dict | None = None) -> Connection:
+    """Join `address` (or RAY_ADDRESS); with neither, start a Ray instance on this machine only."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # Before Ray is first imported (it reads this once): without it Ray advertises the primary
+        # interface's address even when told 127.0.0.1 (shared/PLATFORM.md); the embedded instance is
+        # one machine, so loopback is all it needs.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():  # a caller (a test, a notebook) already connected: use that cluster
+        return Connection(address, embedded=False, owned=False)
+    quiet = {"log_to_driver": True, "logging_level": "warning"}
+    if address:
+        check_reachable(address)
+        use_token_if_available()
+        try:
+            ray.init(address=address, **quiet)
+        except ray.exceptions.AuthenticationError as e:
+            raise LauncherError(f"the Ray cluster at {address} refused this client's token: "
+                                f"{str(e).splitlines()[0]}") from None
+        except (ConnectionError, RuntimeError) as e:
+            raise LauncherError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        return Connection(address, embedded=False)
+
+    # A private token for a private cluster: nothing is written to ~/.ray, and it dies with us.
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ["RAY_AUTH_MODE"] == "token" and not token_available():
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    _refresh_ray_config()
+    if num_gpus is None:
+        num_gpus = local_gpu_count()
+    own_temp = not os.environ.get("KEEL_RAY_TMPDIR")
+    temp_dir = os.environ.get("KEEL_RAY_TMPDIR") or tempfile.mkdtemp(prefix="keel-ray-")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, _system_config=system_config or None, **quiet)
+    return Connection(None, embedded=True, temp_dir=temp_dir if own_temp else None)
+
+
+def local_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA means no GPUs to offer
+        return 0
+
+
+def job_client(address: str | None):
+    """A Ray Jobs client for the dashboard at `address` (http://HOST:8265), with a clear error if it
+    cannot be reached or refuses our token."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_JOBS_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise LauncherError("no cluster given: pass --address http://HOST:8265 (the head's dashboard) or set "
+                            "RAY_ADDRESS; see launcher/examples/ to start one")
+    if "://" not in address:
+        address = f"http://{address}"
+    parsed = urlparse(address)
+    if parsed.scheme in ("http", "https"):
+        check_reachable(f"{parsed.hostname}:{parsed.port or 8265}")
+    use_token_if_available()
+    import ray
+
+    try:
+        return JobSubmissionClient(address)
+    except ray.exceptions.AuthenticationError:
+        raise LauncherError(auth_message(address)) from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        text = str(e)
+        if "401" in text or "403" in text or "token" in text.lower():
+            raise LauncherError(auth_message(address)) from None
+        raise LauncherError(f"cannot talk to the Ray job API at {address}: {text.splitlines()[0]}") from None
+
+
+def auth_message(address: str) -> str:
+    if not token_available():
+        return (f"the Ray cluster at {address} requires a token and none was found: set RAY_AUTH_TOKEN, "
+                f"RAY_AUTH_TOKEN_PATH, or copy the head's ~/.ray/auth_token here")
+    return (f"the Ray cluster at {address} rejected the authentication token (RAY_AUTH_TOKEN / "
+            f"RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token): use the head node's token")

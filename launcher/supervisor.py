@@ -1,0 +1,269 @@
+"""Supervision: watch the worker group, and on any failure tear it down and start it again.
+
+Failures it tells apart (the `cause` in events.jsonl):
+  actor_died  a rank's process ended (crash, OOM kill, SIGKILL): Ray reports the actor dead
+  node_lost   the node under a rank is gone (Ray marks it dead, or the rank stops answering there)
+  hang        some rank made no step for fault.hang_timeout_s (a stuck collective, a deadlock)
+  error       a rank raised an exception
+A restart starts the same group again (waiting up to fault.capacity_timeout_s for room) and the
+training loop resumes from the newest committed checkpoint; fault.max_restarts bounds it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+
+from .cluster import LauncherError
+from .group import GroupPlan, WorkerGroup, check_capacity
+
+POLL_S = 0.2
+CAUSES = ("actor_died", "node_lost", "hang", "error")
+
+
+class RunFailed(LauncherError):
+    """The run failed more often than fault.max_restarts allows."""
+
+
+@dataclass
+class Failure:
+    cause: str
+    detail: str
+    rank: int | None
+    detected: float          # time.time() when the supervisor saw it
+    last_step: int           # the newest step any rank had reported
+
+
+@dataclass
+class Attempt:
+    started: float
+    steps: list[dict] = field(default_factory=list)   # rank 0's step records, in order
+    failure: Failure | None = None
+    ended: float | None = None
+
+
+class EventLog:
+    """Launcher events, appended to the run's events.jsonl as they happen (the rank-0 logger writes the
+    training events into the same file); `merge` restores any a fresh restart truncated away."""
+
+    def __init__(self, path: Path):
+        self.path, self.events = path, []
+
+    def write(self, kind: str, **fields) -> None:
+        event = {"kind": kind, "time": time.time(), "source": "launcher", **fields}
+        self.events.append(event)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def merge(self) -> None:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        present = {line for line in lines}
+        missing = [json.dumps(e) for e in self.events if json.dumps(e) not in present]
+        if missing:
+            records = sorted([json.loads(x) for x in lines + missing], key=lambda e: e.get("time", 0))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def say(message: str) -> None:
+    print(f"keel: {message}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    def __init__(self, cfg, plan: GroupPlan, cwd: str, env_vars: dict | None = None):
+        self.cfg, self.plan, self.cwd, self.env_vars = cfg, plan, cwd, env_vars
+        self.run_dir = Path(cwd) / cfg.train.output_dir / cfg.train.name
+        self.log = EventLog(self.run_dir / "events.jsonl")
+        self.attempts: list[Attempt] = []
+
+    # -- the restart loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        fault = self.cfg.fault
+        check_capacity(self.plan)
+        t0 = time.time()
+        self.log.write("launch", world_size=self.plan.world_size, nnodes=self.plan.nnodes,
+                       nproc_per_node=self.plan.nproc_per_node, max_restarts=fault.max_restarts,
+                       hang_timeout_s=fault.hang_timeout_s)
+        restarts = 0
+        while True:
+            group = WorkerGroup(self.plan)
+            place_t = time.time()
+            if not group.place(fault.capacity_timeout_s):
+                group.shutdown()
+                self.log.write("gave_up", reason="no_capacity", waited_s=time.time() - place_t)
+                self.finish(t0, None)
+                raise RunFailed(f"the cluster had no room for {self.plan.world_size} workers "
+                                f"({self.plan.bundles()[0]} on each of {self.plan.nnodes} nodes) within "
+                                f"fault.capacity_timeout_s={fault.capacity_timeout_s:g}")
+            attempt = Attempt(started=time.time())
+            self.attempts.append(attempt)
+            if restarts:
+                self.log.write("restart_placed", attempt=restarts, waited_for_capacity_s=attempt.started - place_t)
+            try:
+                group.start(self.cfg, self.cwd, self.env_vars)
+                self.log.write("group_started", attempt=restarts, actors_s=group.actors_s,
+                               nodes=sorted({w["ip"] for w in group.where}))
+                result = self.watch(group, attempt)
+            finally:
+                group.shutdown()
+            attempt.ended = time.time()
+            if result is not None:
+                self.finish(t0, result)
+                return {"summary": result, "goodput": self.goodput(t0)}
+            failure = attempt.failure
+            self.log.write("failure", cause=failure.cause, detail=failure.detail, rank=failure.rank,
+                           last_step=failure.last_step, attempt=restarts,
+                           detect_s=failure.detected - self._last_beat(attempt, failure.detected))
+            if restarts >= fault.max_restarts:
+                self.log.write("gave_up", reason="max_restarts", restarts=restarts)
+                self.finish(t0, None)
+                raise RunFailed(f"rank {failure.rank} failed ({failure.cause}: {failure.detail}) after "
+                                f"{restarts} restarts; fault.max_restarts={fault.max_restarts}. Events: "
+                                f"{self.log.path}")
+            restarts += 1
+            say(f"{failure.cause} on rank {failure.rank} at step {failure.last_step} ({failure.detail}); "
+                f"restarting ({restarts}/{fault.max_restarts}) from the newest checkpoint")
+            self.log.write("restart", attempt=restarts, cause=failure.cause,
+                           teardown_s=attempt.ended - failure.detected)
+
+    # -- watching one attempt ----------------------------------------------------------------------
+    def watch(self, group: WorkerGroup, attempt: Attempt) -> dict | None:
+        """Until the group finishes (rank 0's summary) or fails (attempt.failure is set, None returned)."""
+        n = len(group.workers)
+        seen = [0] * n
+        progress = [attempt.started] * n    # driver clock of each rank's last new step
+        pending: dict[int, object] = {}       # rank -> heartbeat ref in flight
+        done: dict[int, dict] = {}
+        hang_s, start_s = self.cfg.fault.hang_timeout_s, self.cfg.fault.startup_timeout_s
+        while True:
+            now = time.time()
+            for rank, w in enumerate(group.workers):
+                if rank not in pending and rank not in done:
+                    pending[rank] = w.heartbeat.remote(seen[rank])
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
+            for rank, ref in list(pending.items()):
+                if ref not in ready:
+                    continue
+                del pending[rank]
+                try:
+                    records = ray.get(ref, timeout=5)
+                except (RayActorError, GetTimeoutError):
+                    continue  # the run ref tells the story
+                if records:
+                    seen[rank] = records[-1]["step"]
+                    progress[rank] = time.time()
+                    if rank == 0:
+                        attempt.steps.extend(records)
+            finished, _ = ray.wait(group.run_refs, num_returns=len(group.run_refs), timeout=0)
+            for ref in finished:
+                rank = group.run_refs.index(ref)
+                if rank in done:
+                    continue
+                try:
+                    done[rank] = ray.get(ref, timeout=5)
+                except Exception as e:  # noqa: BLE001 - any way a rank ends badly is a failure
+                    attempt.failure = self.classify(group, rank, e, max(seen))
+                    return None
+            if len(done) == n:
+                # rank 0's records after its last poll
+                try:
+                    attempt.steps.extend(ray.get(group.workers[0].heartbeat.remote(seen[0]), timeout=5))
+                except Exception:  # noqa: BLE001
+                    pass
+                return done[0]
+            now = time.time()
+            stalled = [r for r in range(n) if r not in done and now - progress[r] > (hang_s if seen[r] else start_s)]
+            if stalled:
+                rank = stalled[0]
+                limit = f"fault.hang_timeout_s={hang_s:g}" if seen[rank] else f"fault.startup_timeout_s={start_s:g}"
+                attempt.failure = Failure("hang", f"no step for {now - progress[rank]:.1f}s after step {seen[rank]} "
+                                          f"({limit})", rank, now, max(seen))
+                return None
+
+    def classify(self, group: WorkerGroup, rank: int, error: Exception, last_step: int) -> Failure:
+        detected = time.time()
+        # A rank's exception is often the echo of a peer's death (gloo: "connection closed by peer"), so
+        # ask every rank whether it is still there before blaming the one that spoke first.
+        dead_nodes = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
+        pings = {r: w.where.remote() for r, w in enumerate(group.workers)}
+        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=1.0)
+        culprit, cause, detail = rank, "error", _first_line(error)
+        for r, ref in pings.items():
+            node = group.where[r]["node_id"] if r < len(group.where) else None
+            if node in dead_nodes:
+                return Failure("node_lost", f"node {group.where[r]['ip']} ({node[:8]}) is gone", r, detected,
+                               last_step)
+            if ref not in ready:
+                culprit, cause, detail = r, "node_lost", "the rank stopped answering (its node is unreachable)"
+                continue
+            try:
+                ray.get(ref, timeout=1)
+            except (ActorDiedError, RayActorError) as e:
+                if cause != "node_lost":
+                    culprit, cause, detail = r, "actor_died", _first_line(e)
+        if cause == "error" and isinstance(error, (ActorDiedError, RayActorError)):
+            cause = "actor_died"
+        if cause == "error" and isinstance(error, RayTaskError):
+            detail = _first_line(error.cause if error.cause is not None else error)
+        return Failure(cause, detail, culprit, detected, last_step)
+
+    @staticmethod
+    def _last_beat(attempt: Attempt, default: float) -> float:
+        return attempt.steps[-1]["time"] if attempt.steps else attempt.started
+
+    # -- accounting --------------------------------------------------------------------------------
+    def goodput(self, t0: float) -> dict:
+        """Wall time split into productive steps, re-computed steps and time lost to failures."""
+        wall = time.time() - t0
+        last_of: dict[int, float] = {}
+        executed = 0.0
+        for a in self.attempts:
+            for r in a.steps:
+                last_of[r["step"]] = r["step_s"]
+                executed += r["step_s"]
+        productive = sum(last_of.values())
+        recomputed_steps = sum(len(a.steps) for a in self.attempts) - len(last_of)
+        recover = []
+        for prev, nxt in zip(self.attempts, self.attempts[1:]):
+            if prev.failure and nxt.steps:
+                recover.append(nxt.steps[0]["time"] - prev.failure.detected)
+        by_cause = {c: sum(1 for a in self.attempts[:-1] if a.failure and a.failure.cause == c) for c in CAUSES}
+        detect = [a.failure.detected - self._last_beat(a, a.failure.detected)
+                  for a in self.attempts if a.failure]
+        return {"wall_s": wall, "productive_s": productive, "recomputed_s": executed - productive,
+                "recomputed_steps": recomputed_steps, "restarts": len(self.attempts) - 1,
+                "restarts_by_cause": {c: k for c, k in by_cause.items() if k},
+                "detect_s": detect, "recover_s": recover,
+                "lost_to_restarts_s": sum(detect) + sum(recover),
+                "goodput": productive / wall if wall > 0 else float("nan")}
+
+    def finish(self, t0: float, result: dict | None) -> None:
+        g = self.goodput(t0)
+        self.log.write("goodput", **g)
+        self.log.merge()
+        self.last_goodput = g
+
+
+def goodput_line(g: dict) -> str:
+    causes = ", ".join(f"{k} {v}" for k, v in g["restarts_by_cause"].items()) or "none"
+    return (f"goodput {100 * g['goodput']:.0f}%: wall {g['wall_s']:.1f}s, productive steps {g['productive_s']:.1f}s, "
+            f"re-computed {g['recomputed_steps']} steps ({g['recomputed_s']:.1f}s), lost to restarts "
+            f"{g['lost_to_restarts_s']:.1f}s; restarts {g['restarts']} ({causes})")
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, (ActorDiedError, RayActorError)) and not isinstance(e, RayTaskError):
+        text = str(e)
+        exit_type = text.split("Worker exit type: ")[1].split()[0] if "Worker exit type: " in text else "unknown"
+        return f"{type(e).__name__}: the rank's process died (Ray worker exit type {exit_type})"
+    text = str(e).strip().splitlines()
+    # Ray's wrapped errors start with a banner; the last line names the exception.
+    for line in reversed(text):
+        if line.strip():
+            return f"{type(e).__name__}: {line.strip()}"[:300]
+    return type(e).__name__

@@ -1,0 +1,134 @@
+"""The Ray launcher on one machine: a supervised worker group that survives a killed, hung or failing rank.
+
+One real local Ray for the module (2 CPUs, loopback only); every run is a real 2-rank gloo group of rank
+actors training the tiny model, resumed from real checkpoints. Faults are the real thing (SIGKILL, a
+rank that stops stepping, an exception), injected by `fault.inject`.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before Ray is imported (it reads this once): bind every Ray process to 127.0.0.1 (shared/PLATFORM.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray")
+
+from keel.launcher.raylaunch import train_on_ray  # noqa: E402
+from keel.launcher.supervisor import RunFailed  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning",
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def run(local_ray, corpus_dir, tmp_path, tiny_overrides):
+    """Train the tiny model on 2 ranks (dp_shard=2) through the launcher; checkpoints every 5 steps."""
+    def go(name: str, *overrides: str) -> dict:
+        return train_on_ray(None, [*tiny_overrides, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}",
+                                   f"train.name={name}", "parallel.dp_shard=2", "train.micro_batch_size=4",
+                                   "checkpoint.interval=5", *overrides])
+    return go
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_loss(local_ray, corpus_dir, tmp_path_factory):
+    """The final loss of an uninterrupted 2-rank run."""
+    from conftest import TINY
+
+    out = tmp_path_factory.mktemp("reference")
+    result = train_on_ray(None, [*TINY, f"data.path={corpus_dir}", f"train.output_dir={out}", "train.name=ref",
+                                 "parallel.dp_shard=2", "train.micro_batch_size=4", "checkpoint.interval=5"])
+    assert result["goodput"]["restarts"] == 0
+    return result["summary"]["final_loss"]
+
+
+@pytest.mark.parametrize("fault, cause", [("kill:r1@12", "actor_died"), ("raise:r0@8", "error")])
+def test_killed_or_failing_rank_restarts_and_finishes_with_the_uninterrupted_final_loss(
+        fault, cause, run, reference_loss, tmp_path):
+    result = run("faulty", f"fault.inject={fault}")
+    run_dir = tmp_path / "faulty"
+    assert result["summary"]["final_loss"] == pytest.approx(reference_loss, rel=1e-6)
+    assert steps(run_dir)[-1]["step"] == 30
+    ev = events(run_dir)
+    failure = next(e for e in ev if e["kind"] == "failure")
+    assert failure["cause"] == cause and failure["rank"] == int(fault.split(":r")[1][0])
+    assert [e["kind"] for e in ev].count("restart") == 1
+    resumed = next(e for e in ev if e["kind"] == "resumed")  # from the newest committed checkpoint
+    assert resumed["step"] in (5, 10) and resumed["time"] > failure["time"]
+    goodput = next(e for e in ev if e["kind"] == "goodput")
+    assert goodput["restarts_by_cause"] == {cause: 1} and goodput["recomputed_steps"] >= 1
+    assert 0 < goodput["goodput"] < 1 and goodput["recover_s"][0] > 0
+
+
+def test_hung_rank_is_detected_within_the_timeout_and_the_run_finishes(run, reference_loss, tmp_path):
+    result = run("hung", "fault.inject=hang:r1@12", "fault.hang_timeout_s=4")
+    run_dir = tmp_path / "hung"
+    assert result["summary"]["final_loss"] == pytest.approx(reference_loss, rel=1e-6)
+    failure = next(e for e in events(run_dir) if e["kind"] == "failure")
+    assert failure["cause"] == "hang" and failure["last_step"] == 12
+    # The hang began when rank 1 wrote its fault marker; the supervisor saw it within the timeout + 10 s.
+    hung_at = float(next((run_dir / "faults").iterdir()).read_text())
+    assert 4 <= failure["time"] - hung_at <= 4 + 10
+
+
+def test_gives_up_after_max_restarts_with_the_cause_in_the_events(run, tmp_path):
+    with pytest.raises(RunFailed, match=r"rank 1 failed \(actor_died.*fault.max_restarts=0"):
+        run("doomed", "fault.inject=kill:r1@3", "fault.max_restarts=0")
+    kinds = [e["kind"] for e in events(tmp_path / "doomed")]
+    assert "failure" in kinds and kinds[-1] == "goodput" and "gave_up" in kinds and "restart" not in kinds
+
+
+def keel(*args, env=None, timeout=180):
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "keel.launcher.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def sets(*items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_keel_train_with_dp_shard_2_runs_through_embedded_ray(corpus_dir, tiny_overrides, tmp_path):
+    result = keel("train", "configs/tiny.yaml",
+                  *sets(*tiny_overrides, "parallel.dp_shard=2", "train.micro_batch_size=4", "train.steps=5",
+                        f"data.path={corpus_dir}", f"train.output_dir={tmp_path}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 workers on embedded local Ray" in result.stderr
+    assert "done: 5 steps" in result.stdout and "goodput" in result.stdout
+    assert "(rank0 pid=" in result.stdout + result.stderr  # every line from a rank names its rank
+    assert [e["kind"] for e in events(tmp_path / "tiny")][0] == "launch"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
+    (["--gpus-per-worker", "1", *sets("parallel.dp_shard=2", "train.micro_batch_size=8")], "the job asks for 2 GPUs (2 workers x 1) but the "
+                                                                 "cluster has 0"),
+    (sets("parallel.dp_shard=2", "optim.lerning_rate=1"), "unknown config key 'optim.lerning_rate'"),
+    (sets("parallel.dp_shard=3"), "global_batch_size=16 must be a multiple of data-parallel degree 3"),
+])
+def test_bad_cluster_or_job_input_is_one_clear_line_before_anything_is_placed(args, message, tmp_path):
+    result = keel("train", "configs/tiny.yaml", *args, *sets(f"train.output_dir={tmp_path}"), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
