@@ -43,8 +43,11 @@ def measure(run_dir: Path, fault_step: int) -> dict:
     marker = next((run_dir / "faults").iterdir())
     failed_at = float(marker.read_text())
     steps = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
-    after = [r for r in steps if r["time"] > failed_at]
-    first = after[0]
+    # The restarted attempt is where the step count goes back (or, with a checkpoint at the very fault
+    # step, the first step past it); a record merely written after the marker may still be a survivor
+    # rank's log of the fault step itself.
+    first = next(r for i, r in enumerate(steps) if r["time"] > failed_at and
+                 (r["step"] <= max(x["step"] for x in steps[:i]) or r["step"] > fault_step))
     return {"recovery_s": first["time"] - failed_at, "recomputed": fault_step - (first["step"] - 1),
             "finished": steps[-1]["step"] == 40, "final_loss": steps[-1]["loss"]}
 
@@ -57,11 +60,8 @@ def run(launcher: str, fault: str, out: Path, corpus: Path, hang_timeout: float,
     if launcher == "keel":
         cmd = [sys.executable, "-m", "keel.launcher.cli", "train", "configs/tiny.yaml", *args]
     else:
-        # The elastic (c10d) rendezvous: with the static one (--master-addr/--master-port) the restarted
-        # group's gloo mesh failed to connect here ("connectFullMesh ... Connection refused").
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={name}",
-               "-m", "keel.training",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "keel.training",
                "configs/tiny.yaml", *args]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     t = time.time()

@@ -33,6 +33,19 @@ TRAINER = "trainer.json"
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
 
 
+_GROUP = None
+
+
+def checkpoint_group():
+    """The gloo group for checkpoint collectives, created once per process (every Checkpointer of the
+    process shares it; creating a group is a collective of its own)."""
+    global _GROUP
+    world = dist.group.WORLD
+    if _GROUP is None or _GROUP[0] is not world:  # none yet, or the process group was started anew
+        _GROUP = (world, dist.new_group(backend="gloo"))
+    return _GROUP[1]
+
+
 def writer(folder: Path) -> FileSystemWriter:
     # Several writer threads per rank: measured 2.9 s instead of 4.9 s for a 1.6 GB state on 2 cores
     # (benchmarks/checkpoint.py); DCP's default is one.
@@ -65,7 +78,7 @@ class Checkpointer:
         self.distributed = world_size > 1 and dist.is_initialized()
         # Checkpoint collectives run on their own gloo group: an async save's run in a background thread
         # while training's run on the default group, and they must not interleave on one communicator.
-        self.pg = dist.new_group(backend="gloo") if self.distributed else None
+        self.pg = checkpoint_group() if self.distributed else None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keel-ckpt")
         # One stager for the whole run: it keeps its CPU copy of the state between saves, so only the
         # first async save pays for allocating (and page-faulting) that memory. Costs one state's worth

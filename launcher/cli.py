@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..kernels.bench import add_bench_parser
     from .ckpt import add_ckpt_parser
+    from .spikes import add_spikes_parser
 
     add_bench_parser(sub)
     add_ckpt_parser(sub)
+    add_spikes_parser(sub)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command",
                                                                                  required=True, metavar="ACTION")

@@ -23,6 +23,8 @@ from .cluster import LauncherError
 from .group import GroupPlan, WorkerGroup, check_capacity
 
 POLL_S = 0.2
+# On a multi-node cluster, how long an actor death may wait for its node to be declared dead.
+NODE_DEATH_GRACE_S = 3.0
 CAUSES = ("actor_died", "node_lost", "hang", "error")
 
 
@@ -37,6 +39,9 @@ class Failure:
     rank: int | None
     detected: float          # time.time() when the supervisor saw it
     last_step: int           # the newest step any rank had reported
+    # False for errors a restart would only repeat: a bad config, missing data, an unusable checkpoint,
+    # a run still unstable after its rollbacks.
+    retryable: bool = True
 
 
 @dataclass
@@ -119,6 +124,10 @@ class Supervisor:
             self.log.write("failure", cause=failure.cause, detail=failure.detail, rank=failure.rank,
                            last_step=failure.last_step, attempt=restarts,
                            detect_s=failure.detected - self._last_beat(attempt, failure.detected))
+            if not failure.retryable:
+                self.log.write("gave_up", reason="not_retryable", detail=failure.detail)
+                self.finish(t0, None)
+                raise RunFailed(f"rank {failure.rank}: {failure.detail} (not retried: a restart would repeat it)")
             if restarts >= fault.max_restarts:
                 self.log.write("gave_up", reason="max_restarts", restarts=restarts)
                 self.finish(t0, None)
@@ -208,8 +217,22 @@ class Supervisor:
                     culprit, cause, detail = r, "actor_died", _first_line(e)
         if cause == "error" and isinstance(error, (ActorDiedError, RayActorError)):
             cause = "actor_died"
+        if cause == "actor_died" and culprit < len(group.where) and len(ray.nodes()) > 1:
+            # When a node vanishes its processes die with it, and Ray reports the dead actors before its
+            # health checks declare the node dead: give them a moment to tell a lost node from a crash.
+            node = group.where[culprit]["node_id"]
+            deadline = time.time() + NODE_DEATH_GRACE_S
+            while time.time() < deadline:
+                if any(n["NodeID"] == node and not n.get("Alive") for n in ray.nodes()):
+                    return Failure("node_lost", f"node {group.where[culprit]['ip']} ({node[:8]}) is gone", culprit,
+                                   detected, last_step)
+                time.sleep(0.2)
         if cause == "error" and isinstance(error, RayTaskError):
             detail = _first_line(error.cause if error.cause is not None else error)
+            from ..training.run import USER_ERRORS
+
+            if isinstance(error.cause, USER_ERRORS):
+                return Failure(cause, detail, culprit, detected, last_step, retryable=False)
         return Failure(cause, detail, culprit, detected, last_step)
 
     @staticmethod

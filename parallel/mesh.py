@@ -5,6 +5,7 @@ ranks are adjacent, so with one process per GPU they share a node and its NVLink
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -16,14 +17,32 @@ from .dims import ParallelDims
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
+def _store_of_this_attempt(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun the agent hosts the TCPStore and keeps it across `--max-restarts` restarts, and
+    torch adds no per-attempt prefix to its keys: a restarted rank could read the address a dead peer
+    published in the previous attempt and fail (measured in torch 2.13: "Gloo connectFullMesh failed ...
+    Connection refused" on every restart). So each attempt gets its own key space."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"keel/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> None:
     """Join the process group torchrun / the launcher described in the environment."""
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Always a finite timeout: torch's default is 30 minutes, and a hung peer would hold everyone that long.
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = timedelta(seconds=timeout_s)
+    device_id = device if device.type == "cuda" else None
+    store = _store_of_this_attempt(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, device_id=device_id)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:

@@ -39,6 +39,13 @@ def tiny_overrides() -> list[str]:
     return list(TINY)
 
 
+@pytest.fixture(scope="session")
+def tiny_settings() -> tuple[str, ...]:
+    """The same, for module- and session-scoped fixtures (`from conftest import` is ambiguous: there are
+    two conftest modules)."""
+    return tuple(TINY)
+
+
 @pytest.fixture
 def tiny_config(corpus_dir, tmp_path):
     """Build a tiny config on the test corpus; extra `a.b=v` overrides win."""

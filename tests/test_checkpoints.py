@@ -223,3 +223,17 @@ def test_exported_safetensors_reproduce_the_logged_validation_loss(tiny_config, 
     engine.model.load_state_dict(weights)
     val = evaluate(engine, TokenWindows(cfg.data.path, "val", cfg.data.seq_len), cfg)
     assert val == pytest.approx(summary.val_loss, rel=1e-6)
+
+
+def test_torchrun_restart_after_a_killed_rank_resumes_from_the_checkpoint(corpus_dir, tiny_overrides, tmp_path):
+    # torchrun keeps its store across --max-restarts; keel gives each attempt its own keys, without which
+    # the restarted ranks could not even form their process group (parallel/mesh.py).
+    items = [*tiny_overrides, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}", "train.name=run",
+             "parallel.dp_shard=2", "train.micro_batch_size=4", "checkpoint.interval=5", "fault.inject=[kill:r1@12]"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+                             "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "keel.training",
+                             "configs/tiny.yaml", *[a for item in items for a in ("--set", item)]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "resumed: step=10" in result.stdout and max(step_losses(tmp_path / "run")) == 30

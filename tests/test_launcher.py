@@ -51,12 +51,10 @@ def events(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_loss(local_ray, corpus_dir, tmp_path_factory):
+def reference_loss(local_ray, corpus_dir, tmp_path_factory, tiny_settings):
     """The final loss of an uninterrupted 2-rank run."""
-    from conftest import TINY
-
     out = tmp_path_factory.mktemp("reference")
-    result = train_on_ray(None, [*TINY, f"data.path={corpus_dir}", f"train.output_dir={out}", "train.name=ref",
+    result = train_on_ray(None, [*tiny_settings, f"data.path={corpus_dir}", f"train.output_dir={out}", "train.name=ref",
                                  "parallel.dp_shard=2", "train.micro_batch_size=4", "checkpoint.interval=5"])
     assert result["goodput"]["restarts"] == 0
     return result["summary"]["final_loss"]
@@ -132,3 +130,14 @@ def test_bad_cluster_or_job_input_is_one_clear_line_before_anything_is_placed(ar
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+
+
+def test_a_run_that_stays_unstable_is_not_restarted(run, tmp_path):
+    # Garbage from step 70 on and no rollback allowed: the loop stops with its report; retrying would only
+    # repeat it, so the supervisor gives up at once.
+    with pytest.raises(RunFailed, match=r"still unstable after 0 rollbacks.*not retried"):
+        run("unstable", "train.steps=80", "fault.inject=[garbage@70-80]",
+            "stability.actions=[rollback(skip_batches=5)]", "stability.max_rollbacks=0")
+    ev = events(tmp_path / "unstable")
+    assert [e["kind"] for e in ev].count("restart") == 0
+    assert any(e["kind"] == "gave_up" and e["reason"] == "not_retryable" for e in ev)

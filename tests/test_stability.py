@@ -115,6 +115,16 @@ def test_garbage_batches_are_caught_rolled_back_skipped_and_the_run_ends_within_
     assert first <= 149 and stop >= 160  # batches 149..159 are the garbage ones (step = batch + 1)
     assert abs(bad.val_loss - clean.val_loss) / clean.val_loss <= 0.02
 
+    # `keel spikes` tells the story: a table row per anomaly, and a plot.
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "keel.launcher.cli", "spikes", str(bad.run_dir)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 anomalies, 1 rollbacks" in shown.stdout and f"{first}..{stop - 1}" in shown.stdout
+    assert (bad.run_dir / "spikes.png").stat().st_size > 10_000
+
 
 def test_learning_rate_blow_up_is_caught_rolled_back_and_the_run_finishes(tiny_config):
     from keel.training.loop import train
