@@ -168,13 +168,19 @@ class Checkpointer:
     def choose(self, resume: str, before: int | None = None) -> Path | None:
         """The checkpoint to resume from (decided on rank 0, the same on every rank), or None. `before`:
         only a checkpoint of an earlier step (a rollback to before a loss spike)."""
-        path = None
+        path, error = None, None
         if self.rank == 0 and resume != "never":
-            path = self._pick(resume, before)
+            try:
+                path = self._pick(resume, before)
+            except CheckpointError as e:
+                error = str(e)
         if self.distributed:
-            box = [str(path) if path else None]
+            # Every rank learns the choice, or the error: none is left waiting for a peer that gave up.
+            box = [(str(path) if path else None, error)]
             dist.broadcast_object_list(box, src=0, group=self.pg)
-            path = Path(box[0]) if box[0] else None
+            path, error = (Path(box[0][0]) if box[0][0] else None), box[0][1]
+        if error:
+            raise CheckpointError(error)
         return path
 
     def set_aside(self) -> Path | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 # Hopper allows 227 KB of shared memory per block (228 KB per SM minus 1 KB reserved).
 SM90_MAX_SHARED_BYTES = 227 * 1024
 _TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_REPORTED_CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "HAS_DOC", "BACKWARD", "BLOCK_H", "BLOCK_K", "BLOCK_F")
 
 
 @dataclass
@@ -83,12 +84,15 @@ def attention_cases(head_dims=(64, 128)):
 
 
 def all_cases():
+    import importlib
     cases = [("triton_attention", c) for c in attention_cases()]
-    try:
-        from . import triton_ops
-    except ImportError:
-        return cases
-    return cases + [("triton_ops", c) for c in triton_ops.compile_cases()]
+    for module_name in ("triton_ops", "triton_rope"):
+        try:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+        except ImportError:
+            continue
+        cases += [(module_name, c) for c in module.compile_cases()]
+    return cases
 
 
 def run(arch: int = 90) -> list[dict]:
@@ -102,7 +106,7 @@ def run(arch: int = 90) -> list[dict]:
         jit_fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         t0 = time.perf_counter()
         row = dict(kernel=case.kernel, dtype=case.dtype, config=case.config,
-                   constexprs={k: v for k, v in case.constexprs.items() if k in ("HEAD_DIM", "CAUSAL", "HAS_DOC")})
+                   constexprs={k: v for k, v in case.constexprs.items() if k in _REPORTED_CONSTEXPRS})
         try:
             compiled = _compile(jit_fn, case, arch)
             row.update(ok=True, shared=compiled.metadata.shared, n_regs=getattr(compiled, "n_regs", None))

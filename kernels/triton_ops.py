@@ -1,8 +1,9 @@
-"""Triton RMSNorm forward + backward (fp32 statistics whatever the storage dtype).
+"""Triton RMSNorm and SwiGLU, forward + backward (fp32 arithmetic whatever the storage dtype).
 
-Shape legend: R rows (leading dims flattened), D hidden size, P programs in the backward (dw partials).
-On GPU prefer Liger-Kernel's RMSNorm (see README); this one exists so the op runs and is tested under
-the interpreter, and so keel has a Triton reference to compare against.
+Shape legend: R rows (leading dims flattened), D hidden size, P programs in the backward (dw partials),
+F feed-forward hidden size (SwiGLU).
+On GPU prefer Liger-Kernel's RMSNorm and SwiGLU (see README); these exist so the ops run and are tested
+under the interpreter, and so keel has a Triton reference to compare against.
 """
 from __future__ import annotations
 
@@ -98,6 +99,90 @@ def triton_rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float = 1e-6) 
     return TritonRMSNorm.apply(x, weight_D, eps)
 
 
+# ----------------------------------------------------------------------------------------------
+# SwiGLU: y = silu(gate) * up, the elementwise half of the feed-forward w2(silu(w1 x) * w3 x)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _swiglu_fwd(G, U, Y, stride_g, stride_u, stride_y, F, BLOCK_F: tl.constexpr):
+    # 2-D grid (row, column block): any F with a fixed tile, and row strides let gate/up be column
+    # halves of one fused w13 projection without a copy.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = cols < F
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, F,
+                BLOCK_F: tl.constexpr):
+    """Recomputes silu(gate) from the saved inputs rather than saving it: one [R, F] tensor less
+    held between forward and backward, at the cost of a sigmoid (gate and up are loaded anyway)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = cols < F
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    # d silu(g)/dg = sig + g * sig * (1 - sig) = sig * (1 + g * (1 - sig))
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
+
+
+# 1024 elements = 8 per thread at 4 warps (16-byte bf16 vectors). 32 when interpreting: the test
+# sizes then span several column blocks with a ragged last one.
+SWIGLU_BLOCK_F = 32 if INTERPRET else 1024
+SWIGLU_NUM_WARPS = 1 if INTERPRET else 4
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [R, F] with unit column stride, as a view whenever the layout allows."""
+    t_RF = t.reshape(-1, t.shape[-1])
+    return t_RF if t_RF.stride(-1) == 1 else t_RF.contiguous()
+
+
+class TritonSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs "
+                             f"{tuple(up.shape)} {up.dtype}")
+        shape = gate.shape
+        g_RF, u_RF = _rows(gate), _rows(up)
+        R, F = g_RF.shape
+        y_RF = torch.empty(R, F, dtype=gate.dtype, device=gate.device)
+        if R > 0:
+            _swiglu_fwd[(R, triton.cdiv(F, SWIGLU_BLOCK_F))](
+                g_RF, u_RF, y_RF, g_RF.stride(0), u_RF.stride(0), y_RF.stride(0), F,
+                BLOCK_F=SWIGLU_BLOCK_F, num_warps=SWIGLU_NUM_WARPS)
+        ctx.save_for_backward(g_RF, u_RF)
+        ctx.shape = shape
+        return y_RF.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g_RF, u_RF = ctx.saved_tensors
+        R, F = g_RF.shape
+        dy_RF = _rows(dy)
+        dg_RF = torch.empty(R, F, dtype=g_RF.dtype, device=g_RF.device)
+        du_RF = torch.empty_like(dg_RF)
+        if R > 0:
+            _swiglu_bwd[(R, triton.cdiv(F, SWIGLU_BLOCK_F))](
+                dy_RF, g_RF, u_RF, dg_RF, du_RF, dy_RF.stride(0), g_RF.stride(0), u_RF.stride(0),
+                dg_RF.stride(0), du_RF.stride(0), F, BLOCK_F=SWIGLU_BLOCK_F, num_warps=SWIGLU_NUM_WARPS)
+        return dg_RF.view(ctx.shape), du_RF.view(ctx.shape)
+
+
+def triton_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one pass; `gate`, `up` are the w1 and w3 outputs, any leading shape."""
+    return TritonSwiGLU.apply(gate, up)
+
+
 def compile_cases():
     """Cases for triton_compile_check: model hidden sizes, bf16."""
     from .triton_compile_check import Case
@@ -107,4 +192,9 @@ def compile_cases():
         for name in ("_rmsnorm_fwd", "_rmsnorm_bwd"):
             cases.append(Case(name, cfg, dict(BLOCK_D=D), "bfloat16",
                               pointers=dict(RSTD="fp32", DW_PARTIAL="fp32"), floats=("eps",), ints=("R", "D")))
+    # SwiGLU's tile does not depend on F; fp32 too, since its loads are twice as wide.
+    for dtype in ("bfloat16", "float32"):
+        for name in ("_swiglu_fwd", "_swiglu_bwd"):
+            cases.append(Case(name, dict(num_warps=SWIGLU_NUM_WARPS, num_stages=1), dict(BLOCK_F=SWIGLU_BLOCK_F),
+                              dtype, ints=("F",)))
     return cases

@@ -85,8 +85,9 @@ def test_hung_rank_is_detected_within_the_timeout_and_the_run_finishes(run, refe
     failure = next(e for e in events(run_dir) if e["kind"] == "failure")
     assert failure["cause"] == "hang" and failure["last_step"] == 12
     # The hang began when rank 1 wrote its fault marker; the supervisor saw it within the timeout + 10 s.
+    # (Its clock starts when it saw step 12, a few ms before the marker is written: hence the slack below.)
     hung_at = float(next((run_dir / "faults").iterdir()).read_text())
-    assert 4 <= failure["time"] - hung_at <= 4 + 10
+    assert 4 - 0.5 <= failure["time"] - hung_at <= 4 + 10
 
 
 def test_gives_up_after_max_restarts_with_the_cause_in_the_events(run, tmp_path):

@@ -91,8 +91,8 @@ def report(log: RunLogger, kind: str, **fields) -> None:
 
 def remediate(action: Action, verdict: Verdict, stability: Stabilizer, engine: Engine, ckpt: Checkpointer,
               loader: BatchLoader, log: RunLogger) -> int | None:
-    """Carry out `action` for an anomalous step (whose update was already dropped). Returns the step to
-    continue from after a rollback, else None."""
+    """Report an anomalous step and carry out `action` (the loop already dropped the step's update, or
+    applied it at the lowered rate for lower_lr). Returns the step to continue from after a rollback."""
     report(log, "anomaly", step=verdict.step, verdict=verdict.kind, reason=verdict.reason, action=str(action),
            z_loss=round(verdict.z_loss, 2), z_grad=round(verdict.z_grad, 2))
     if action.name != "rollback":

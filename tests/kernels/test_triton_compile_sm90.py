@@ -34,4 +34,7 @@ def test_every_triton_kernel_and_autotune_config_compiles_for_sm90_within_shared
     too_big = [r for r in results if r["shared"] > SM90_MAX_SHARED_BYTES]
     assert not too_big, f"configs over {SM90_MAX_SHARED_BYTES} B of shared memory: {too_big}"
     kernels = {r["kernel"] for r in results}
-    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_delta", "_rmsnorm_fwd", "_rmsnorm_bwd"} <= kernels
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_delta", "_rmsnorm_fwd", "_rmsnorm_bwd",
+            "_swiglu_fwd", "_swiglu_bwd", "_rope"} <= kernels
+    rope = [r for r in results if r["kernel"] == "_rope"]
+    assert {r["constexprs"]["BACKWARD"] for r in rope} == {False, True}
