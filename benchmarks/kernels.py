@@ -1,16 +1,11 @@
-"""Attention kernel benchmark; the same as `keel bench` (see kernels/bench.py for what is measured).
+"""Kernel benchmarks; the same as `keel bench` (see kernels/bench.py for what is measured and how).
 
-    python benchmarks/kernels.py bench --seqlens 1024,2048,4096 --impls sdpa,triton,flash_attn --backward
+    python benchmarks/kernels.py bench attention --seqlen 1k,2k,4k --impl sdpa,triton,flash_attn --mode fwd+bwd
+    python benchmarks/kernels.py bench rmsnorm --dim 4096 --seqlen 2k,8k
 """
-import sys
-from pathlib import Path
-
 if __name__ == "__main__":
     try:
         from keel.kernels.bench import main
-    except ImportError:  # not pip-installed yet: map keel.kernels onto this checkout's kernels/
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
-        from _keel_path import ensure_keel_kernels
-        ensure_keel_kernels()
-        from keel.kernels.bench import main
+    except ImportError:
+        raise SystemExit("keel is not installed: run `make install` (pip install -e .) first") from None
     main()

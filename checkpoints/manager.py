@@ -56,9 +56,22 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
+# Which kernel runs an op is not the architecture: a run saved with one may resume with another (and
+# checkpoints from before a kernel section existed still resume).
+KERNEL_SECTIONS = ("attention", "rmsnorm", "swiglu", "rope", "cross_entropy")
+
+
+def architecture(model_section: dict) -> dict:
+    return {k: v for k, v in model_section.items() if k not in KERNEL_SECTIONS}
+
+
+def _fingerprint(model_section: dict) -> str:
+    return hashlib.sha256(json.dumps(architecture(model_section), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def model_fingerprint(cfg: Config) -> str:
-    """What must match for weights to load: the model section (the architecture)."""
-    return hashlib.sha256(json.dumps(config_to_dict(cfg)["model"], sort_keys=True).encode()).hexdigest()[:16]
+    """What must match for weights to load: the model section (the architecture), kernel choices aside."""
+    return _fingerprint(config_to_dict(cfg)["model"])
 
 
 def config_hash(cfg: Config) -> str:
@@ -211,8 +224,10 @@ class Checkpointer:
     def restore(self, engine, path: Path) -> dict:
         """Load `path` into the engine and this process's RNG; returns trainer.json's state."""
         manifest = mf.read_manifest(path)
-        if manifest["model_fingerprint"] != model_fingerprint(self.cfg):
-            saved, now = manifest["config"]["model"], config_to_dict(self.cfg)["model"]
+        # Recomputed from the saved config rather than read from the manifest: older manifests hashed the
+        # kernel choices too.
+        if _fingerprint(manifest["config"]["model"]) != model_fingerprint(self.cfg):
+            saved, now = architecture(manifest["config"]["model"]), architecture(config_to_dict(self.cfg)["model"])
             diff = ", ".join(f"model.{k}: {saved.get(k)} there, {now.get(k)} here"
                              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ConfigError(f"checkpoint {path} holds a different model ({diff}); use its model settings, "

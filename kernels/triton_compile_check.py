@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 # Hopper allows 227 KB of shared memory per block (228 KB per SM minus 1 KB reserved).
 SM90_MAX_SHARED_BYTES = 227 * 1024
 _TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_REPORTED_CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "HAS_DOC", "BACKWARD", "BLOCK_H", "BLOCK_K", "BLOCK_F")
+_REPORTED_CONSTEXPRS = ("HEAD_DIM", "CAUSAL", "HAS_DOC", "BACKWARD", "BLOCK_H", "BLOCK_K", "BLOCK_F", "BLOCK_V",
+                        "HAS_GRAD")
 
 
 @dataclass
@@ -86,7 +87,7 @@ def attention_cases(head_dims=(64, 128)):
 def all_cases():
     import importlib
     cases = [("triton_attention", c) for c in attention_cases()]
-    for module_name in ("triton_ops", "triton_rope"):
+    for module_name in ("triton_ops", "triton_rope", "triton_cross_entropy"):
         try:
             module = importlib.import_module(f"{__package__}.{module_name}")
         except ImportError:

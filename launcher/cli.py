@@ -76,8 +76,9 @@ def cmd_list(args) -> None:
 def cmd_chaos(args) -> None:
     from .jobs import chaos
 
-    v = chaos(args.address, args.seed)
-    print(f"killed {v['name'] or 'rank worker'} (pid {v['pid']}, actor {v['actor_id'][:12]}, node {v['node_id'][:12]})")
+    v = chaos(args.address, args.seed, actor=args.actor)
+    print(f"killed the {v['what']} of {v['name'] or 'a rank worker'} (pid {v['pid']}, actor {v['actor_id'][:12]}, "
+          f"node {v['node_id'][:12]})")
 
 
 def cmd_estimate(args) -> None:
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chaos", help="SIGKILL a random rank worker of a running job (a supervision drill)")
     p.add_argument("--address", help="the cluster, HOST:PORT of the head's GCS (default: RAY_ADDRESS)")
     p.add_argument("--seed", type=int, help="make the choice of victim repeatable")
+    p.add_argument("--actor", action="store_true",
+                   help="kill the rank's actor (the agent around its training process) rather than the training "
+                        "process: the supervisor then replaces the actors instead of restarting in place")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_chaos)
 

@@ -86,10 +86,11 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
             system_config: dict | None = None) -> Connection:
     """Join `address` (or RAY_ADDRESS); with neither, start a Ray instance on this machine only."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address:
+    if not address or address.split("://")[-1].startswith(("127.", "localhost")):
         # Before Ray is first imported (it reads this once): without it Ray advertises the primary
-        # interface's address even when told 127.0.0.1 (shared/PLATFORM.md); the embedded instance is
-        # one machine, so loopback is all it needs.
+        # interface's address even when told 127.0.0.1, and swaps a loopback GCS address for that
+        # interface's (shared/PLATFORM.md); the embedded instance, or a cluster on loopback, is one
+        # machine, so loopback is all it needs.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 

@@ -7,10 +7,14 @@ nproc_per_node every tensor-parallel group shares a node, while data-parallel re
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import ray
@@ -62,22 +66,37 @@ def check_capacity(plan: GroupPlan) -> None:
                                 f"cluster's {len(nodes)} nodes could hold that")
 
 
-@ray.remote(max_concurrency=2)  # one thread trains, the other answers heartbeat polls
+@ray.remote(max_concurrency=3)  # one thread waits on the training process, the others answer polls and stop()
 class RankWorker:
+    """A rank's agent, as torchrun's agent is a node's: it outlives the training processes it starts.
+
+    Training runs in a child process forked from a forkserver that imported torch and keel once, when the
+    actor started. A restart after a crash, a kill or a hang kills and re-forks only that child: no new
+    actor, no new imports. Only a dead actor (its node gone, the agent itself killed) costs a new one.
+    """
+
     def __init__(self, rank: int, local_rank: int, world_size: int, cwd: str):
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.records: list[dict] = []
         self.lock = threading.Lock()
+        self.proc = None
+        self.outcome: dict | None = None
         # Relative paths in the config (data, runs/) mean the driver's folder when it exists here too.
         if os.path.isdir(cwd):
             os.chdir(cwd)
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(PRELOAD)
+        # Start the forkserver now, in the background of placement, so its imports overlap the others'.
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
 
     def __repr__(self) -> str:  # Ray prefixes this actor's streamed log lines with it: "(rank1 pid=…)"
         return f"rank{self.rank}"
 
     def where(self) -> dict:
         return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "train_pid": self.proc.pid if self.proc is not None and self.proc.is_alive() else None}
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -85,26 +104,58 @@ class RankWorker:
             return s.getsockname()[1]
 
     def run(self, cfg, master_addr: str, master_port: int) -> dict:
-        import torch
-
-        from ..training.loop import RankEnv, train
-
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
+        """Train in a fresh child process until it finishes (its summary), fails (its exception is re-raised
+        here) or dies (RankProcessDied)."""
+        env = dict(os.environ, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                   WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
         # Ray narrows CUDA_VISIBLE_DEVICES to the GPU it gave this actor, which is then cuda:0.
-        device_index = 0 if ray.get_gpu_ids() else self.local_rank
-        if not ray.get_gpu_ids() and not cfg.train.cpu_threads:
-            torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
-        summary = train(cfg, RankEnv(self.rank, device_index, self.world_size), on_step=self._beat)
-        return {"rank": self.rank, "final_loss": summary.final_loss, "val_loss": summary.val_loss,
-                "first_val_loss": summary.first_val_loss, "steps": summary.steps, "tokens": summary.tokens,
-                "wall_s": summary.wall_s, "tokens_per_s": summary.tokens_per_s, "mfu": summary.mfu,
-                "run_dir": str(summary.run_dir)}
-
-    def _beat(self, record: dict) -> None:
+        on_gpu = bool(ray.get_gpu_ids())
+        rank_env = RankEnvArgs(self.rank, 0 if on_gpu else self.local_rank, self.world_size,
+                               set_threads=not on_gpu and not cfg.train.cpu_threads)
+        receive, send = self.ctx.Pipe(duplex=False)
         with self.lock:
-            self.records.append({"time": time.time(), **{k: record[k] for k in
-                                 ("step", "loss", "step_s", "tokens_per_s", "tokens") if k in record}})
+            self.records, self.outcome = [], None
+            self.proc = self.ctx.Process(target=_train_process, name=f"keel-rank{self.rank}",
+                                         args=(cfg, env, rank_env, send))
+            self.proc.start()
+        send.close()  # the child holds the only writer: EOF on `receive` means it is gone
+        proc, last = self.proc, None
+        while True:
+            try:
+                kind, payload = receive.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as e:  # noqa: BLE001 - a message cut short by the kill that ended the child
+                last = e
+                break
+            if kind == "step":
+                with self.lock:
+                    self.records.append(payload)
+            else:
+                last = (kind, payload)
+        proc.join()
+        receive.close()
+        if isinstance(last, tuple) and last[0] == "done":
+            self.outcome = {"state": "done"}
+            return last[1]
+        if isinstance(last, tuple) and last[0] == "error":
+            error, facts = last[1]
+            self.outcome = {"state": "error", "exitcode": proc.exitcode, **facts}
+            raise error
+        self.outcome = {"state": "died", "exitcode": proc.exitcode}
+        raise RankProcessDied(self.rank, proc.exitcode)
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Kill the training process (a hung collective ignores anything gentler); True once it is gone."""
+        proc = self.proc
+        if proc is not None and proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout_s)
+        return proc is None or not proc.is_alive()
+
+    def status(self) -> dict | None:
+        """How the last training process ended (None while it runs): the supervisor's evidence of who died."""
+        return self.outcome
 
     def heartbeat(self, since: int = 0) -> list[dict]:
         """Step records after step `since` (the supervisor asks for what it has not seen)."""
@@ -112,8 +163,97 @@ class RankWorker:
             return [r for r in self.records if r["step"] > since]
 
 
+class RankProcessDied(RuntimeError):
+    """A rank's training process ended without a result or an exception: killed (SIGKILL, the OOM killer)
+    or crashed in native code."""
+
+    def __init__(self, rank: int, exitcode: int | None):
+        self.rank, self.exitcode = rank, exitcode
+        how = (f"killed by {signal.Signals(-exitcode).name}" if exitcode is not None and exitcode < 0
+               else f"exited with code {exitcode}")
+        super().__init__(f"rank {rank}'s training process {how}")
+
+    def __reduce__(self):
+        return RankProcessDied, (self.rank, self.exitcode)
+
+
+# How a collective fails when a peer has died or stopped: the echo of another rank's failure.
+ECHOES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "NCCL")
+
+# What the forkserver imports once per actor; every training process forked from it starts warm. Ray is
+# among them because a child re-runs the actor's __main__ (Ray's worker script, which imports ray) and
+# unpickles its target from this module (which does too): ~0.7 s a restart if each child imported it.
+PRELOAD = ["ray", "torch", "keel.launcher.group", "keel.training.loop", "keel.parallel.native",
+           "keel.checkpoints.manager"]
+
+
+@dataclass(frozen=True)
+class RankEnvArgs:
+    rank: int
+    device_index: int
+    world_size: int
+    set_threads: bool
+
+
+def _train_process(cfg, env: dict, args: RankEnvArgs, send) -> None:
+    """The body of a rank's training process (a child of the actor's forkserver, so torch is imported)."""
+    _die_with_parent(f"keel-rank{args.rank}")
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+
+    from ..training.loop import RankEnv, train
+
+    if args.set_threads:
+        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+
+    def beat(record: dict) -> None:
+        send.send(("step", {"time": time.time(), **{k: record[k] for k in
+                            ("step", "loss", "step_s", "tokens_per_s", "tokens") if k in record}}))
+
+    try:
+        summary = train(cfg, RankEnv(args.rank, args.device_index, args.world_size), on_step=beat)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the actor, which re-raises it
+        from ..training.run import USER_ERRORS
+
+        traceback.print_exc()
+        text = str(e).strip()
+        facts = {"time": time.time(), "user_error": isinstance(e, USER_ERRORS),
+                 "echo": isinstance(e, torch.distributed.DistError) or any(s in text for s in ECHOES),
+                 "detail": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+        try:
+            send.send(("error", (e, facts)))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle still reports its text
+            send.send(("error", (RuntimeError(facts["detail"]), facts)))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    send.send(("done", {"rank": args.rank, "final_loss": summary.final_loss, "val_loss": summary.val_loss,
+                        "first_val_loss": summary.first_val_loss, "steps": summary.steps, "tokens": summary.tokens,
+                        "wall_s": summary.wall_s, "tokens_per_s": summary.tokens_per_s, "mfu": summary.mfu,
+                        "run_dir": str(summary.run_dir)}))
+
+
+def _die_with_parent(name: str) -> None:
+    """SIGKILL this process when its parent (the forkserver, which exits with the actor) dies: a rank's
+    training must never outlive its actor, or a torn-down group would go on training behind the new one.
+    Also names the process (`keel-rankN` in ps and /proc/PID/comm), which is how `keel chaos` finds it."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(15, name.encode()[:15])  # PR_SET_NAME
+    except OSError:  # not Linux: the forkserver's exit still closes the pipe the child writes to
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 class WorkerGroup:
-    """Placed, started and torn down as a whole: a failure anywhere restarts every rank."""
+    """Placed and torn down as a whole; between the two it runs one attempt after another. Every attempt
+    restarts every rank's training process (a failure anywhere restarts all of them), on the same actors."""
 
     def __init__(self, plan: GroupPlan):
         self.plan = plan
@@ -128,7 +268,8 @@ class WorkerGroup:
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         return bool(ready)
 
-    def start(self, cfg, cwd: str, env_vars: dict | None = None) -> None:
+    def start(self, cwd: str, env_vars: dict | None = None) -> None:
+        """Start one actor per rank in the placement group."""
         plan = self.plan
         opts = {"num_cpus": plan.cpus_per_worker, "num_gpus": plan.gpus_per_worker, "max_restarts": 0}
         if env_vars:
@@ -141,12 +282,26 @@ class WorkerGroup:
         t = time.time()
         self.where = ray.get([w.where.remote() for w in self.workers], timeout=300)
         self.actors_s = time.time() - t
+
+    def launch(self, cfg) -> None:
+        """Start an attempt: a training process per rank, meeting at a fresh port on rank 0's node."""
         master_port = ray.get(self.workers[0].free_port.remote(), timeout=30)
-        master_addr = self.where[0]["ip"]
-        self.run_refs = [w.run.remote(cfg, master_addr, master_port) for w in self.workers]
+        self.run_refs = [w.run.remote(cfg, self.where[0]["ip"], master_port) for w in self.workers]
+
+    def stop_training(self, timeout_s: float = 10.0) -> bool:
+        """Kill every rank's training process and wait for the attempt to end; False if some actor did not
+        answer (then only a teardown helps)."""
+        try:
+            stopped = ray.get([w.stop.remote() for w in self.workers], timeout=timeout_s)
+            ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - a dead or unreachable actor
+            return False
+        self.run_refs = []
+        return all(stopped)
 
     def shutdown(self) -> None:
-        # ray.kill, not ray.cancel: a task blocked in a collective ignores cancellation.
+        # ray.kill, not ray.cancel: a task blocked in a collective ignores cancellation. A training process
+        # dies with its actor (PR_SET_PDEATHSIG through the forkserver).
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)

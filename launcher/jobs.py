@@ -23,6 +23,9 @@ from .raylaunch import validate, world_size_of
 EXCLUDES = [".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", "build", "*.pt", "wandb"]
 
 
+AGENT_WAIT_S = 60.0
+
+
 def _call(fn, address: str):
     """Run a job-API call; auth and connection failures become one-line errors."""
     import ray
@@ -59,10 +62,22 @@ def submit(config: str, overrides: list[str], address: str | None, train_args: l
     client = job_client(address)
     addr = client.get_address()
     job_id = f"keel-{cfg.train.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    return _call(lambda: client.submit_job(
-        entrypoint=shlex.join(entry), submission_id=job_id,
-        runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
-        metadata={"keel_run": cfg.train.name, "output_dir": cfg.train.output_dir}), addr)
+
+    def send():
+        return client.submit_job(entrypoint=shlex.join(entry), submission_id=job_id,
+                                 runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
+                                 metadata={"keel_run": cfg.train.name, "output_dir": cfg.train.output_dir})
+
+    # A head that has just started answers before its job agent is up ("No available agent to submit job,
+    # please try again later"): do as it says for a while rather than fail a freshly started cluster.
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return _call(send, addr)
+        except LauncherError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def status(address: str | None, job_id: str | None) -> list[str]:
@@ -127,19 +142,22 @@ def stop(address: str | None, job_id: str, wait_s: float = 30.0) -> str:
     return str(_call(lambda: client.get_job_status(job_id), addr))
 
 
-def chaos(address: str | None, seed: int | None = None) -> dict:
-    """SIGKILL one rank worker process of a running keel job, chosen at random: a drill for supervision.
+def chaos(address: str | None, seed: int | None = None, actor: bool = False) -> dict:
+    """SIGKILL one rank of a running keel job, chosen at random: a drill for supervision.
 
-    Connects as a Ray client, finds the live rank actors through the state API and kills the chosen
-    process from a task pinned to its node (a real process death, not a polite `ray.kill`)."""
+    By default the victim is the rank's training process (what a crash or the OOM killer hits; the
+    supervisor restarts the training processes in the same actors). With `actor=True` it is the rank's
+    actor, the agent around it (as when a node's processes die; the supervisor replaces the actors).
+    Connects as a Ray client, finds the live rank actors through the state API and kills the process from
+    a task pinned to its node (a real process death, not a polite `ray.kill`)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise LauncherError("keel chaos needs the cluster: pass --address HOST:PORT or set RAY_ADDRESS")
+    conn = connect(address)  # first: it sets what Ray reads at import
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from ray.util.state import list_actors
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise LauncherError("keel chaos needs the cluster: pass --address HOST:PORT or set RAY_ADDRESS")
-    conn = connect(address)
     try:
         actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
                   if a.class_name == "RankWorker"]
@@ -148,13 +166,41 @@ def chaos(address: str | None, seed: int | None = None) -> dict:
         victim = random.Random(seed).choice(actors)
 
         @ray.remote(num_cpus=0)
-        def kill(pid: int) -> None:
+        def kill(actor_pid: int, whole_actor: bool) -> int:
             import signal
+            from pathlib import Path
 
-            os.kill(pid, signal.SIGKILL)
+            def parent(pid: int) -> int:
+                try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces
+                    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    return 0
 
-        ray.get(kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(victim.node_id, soft=False))
-                .remote(victim.pid), timeout=30)
-        return {"actor_id": victim.actor_id, "pid": victim.pid, "node_id": victim.node_id, "name": victim.name}
+            def descends(pid: int) -> bool:
+                while pid > 1:
+                    pid = parent(pid)
+                    if pid == actor_pid:
+                        return True
+                return False
+
+            target = actor_pid
+            if not whole_actor:
+                # The training process names itself keel-rankN (launcher/group.py) under the actor's forkserver.
+                for entry in Path("/proc").iterdir():
+                    if entry.name.isdigit():
+                        try:
+                            comm = (entry / "comm").read_text().strip()
+                        except OSError:
+                            continue
+                        if comm.startswith("keel-rank") and descends(int(entry.name)):
+                            target = int(entry.name)
+                            break
+            os.kill(target, signal.SIGKILL)
+            return target
+
+        pid = ray.get(kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(victim.node_id, soft=False))
+                      .remote(victim.pid, actor), timeout=30)
+        return {"actor_id": victim.actor_id, "pid": pid, "actor_pid": victim.pid, "node_id": victim.node_id,
+                "name": victim.name, "what": "actor" if pid == victim.pid else "training process"}
     finally:
         conn.close()

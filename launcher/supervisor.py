@@ -1,15 +1,19 @@
 """Supervision: watch the worker group, and on any failure tear it down and start it again.
 
 Failures it tells apart (the `cause` in events.jsonl):
-  actor_died  a rank's process ended (crash, OOM kill, SIGKILL): Ray reports the actor dead
-  node_lost   the node under a rank is gone (Ray marks it dead, or the rank stops answering there)
-  hang        some rank made no step for fault.hang_timeout_s (a stuck collective, a deadlock)
-  error       a rank raised an exception
-A restart starts the same group again (waiting up to fault.capacity_timeout_s for room) and the
-training loop resumes from the newest committed checkpoint; fault.max_restarts bounds it.
+  process_died  a rank's training process, or its actor, ended without an exception (SIGKILL, the OOM
+                killer, a crash in native code)
+  node_lost     the node under a rank is gone (Ray marks it dead, or the rank stops answering there)
+  hang          some rank made no step for fault.hang_timeout_s (a stuck collective, a deadlock)
+  error         a rank raised an exception
+A restart kills every rank's training process and starts new ones in the same actors (warm: nothing is
+imported again); a lost node or a dead actor instead gets a new group, waiting up to
+fault.capacity_timeout_s for room. Either way the training loop resumes from the newest committed
+checkpoint; fault.max_restarts bounds the restarts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -19,13 +23,14 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
+from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from .cluster import LauncherError
-from .group import GroupPlan, WorkerGroup, check_capacity
+from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity
 
 POLL_S = 0.2
 # On a multi-node cluster, how long an actor death may wait for its node to be declared dead.
 NODE_DEATH_GRACE_S = 3.0
-CAUSES = ("actor_died", "node_lost", "hang", "error")
+CAUSES = ("process_died", "node_lost", "hang", "error")
 
 
 class RunFailed(LauncherError):
@@ -94,51 +99,98 @@ class Supervisor:
         self.log.write("launch", world_size=self.plan.world_size, nnodes=self.plan.nnodes,
                        nproc_per_node=self.plan.nproc_per_node, max_restarts=fault.max_restarts,
                        hang_timeout_s=fault.hang_timeout_s)
-        restarts = 0
-        while True:
-            group = WorkerGroup(self.plan)
-            place_t = time.time()
-            if not group.place(fault.capacity_timeout_s):
-                group.shutdown()
-                self.log.write("gave_up", reason="no_capacity", waited_s=time.time() - place_t)
-                self.finish(t0, None)
-                raise RunFailed(f"the cluster had no room for {self.plan.world_size} workers "
-                                f"({self.plan.bundles()[0]} on each of {self.plan.nnodes} nodes) within "
-                                f"fault.capacity_timeout_s={fault.capacity_timeout_s:g}")
-            attempt = Attempt(started=time.time())
-            self.attempts.append(attempt)
-            if restarts:
-                self.log.write("restart_placed", attempt=restarts, waited_for_capacity_s=attempt.started - place_t)
-            try:
-                group.start(self.cfg, self.cwd, self.env_vars)
-                self.log.write("group_started", attempt=restarts, actors_s=group.actors_s,
-                               nodes=sorted({w["ip"] for w in group.where}))
+        restarts, group = 0, None
+        try:
+            while True:
+                if group is None:
+                    group = self.place(restarts, t0)
+                    group.start(self.cwd, self.env_vars)
+                    self.log.write("group_started", attempt=restarts, actors_s=group.actors_s,
+                                   nodes=sorted({w["ip"] for w in group.where}))
+                attempt = Attempt(started=time.time())
+                self.attempts.append(attempt)
+                group.launch(self.cfg)
                 result = self.watch(group, attempt)
-            finally:
+                attempt.ended = time.time()
+                if result is not None:
+                    self.finish(t0, result)
+                    return {"summary": result, "goodput": self.goodput(t0)}
+                failure = attempt.failure
+                self.log.write("failure", cause=failure.cause, detail=failure.detail, rank=failure.rank,
+                               last_step=failure.last_step, attempt=restarts,
+                               detect_s=failure.detected - self._last_beat(attempt, failure.detected))
+                if not failure.retryable:
+                    self.log.write("gave_up", reason="not_retryable", detail=failure.detail)
+                    self.finish(t0, None)
+                    raise RunFailed(f"rank {failure.rank}: {failure.detail} (not retried: a restart would repeat it)")
+                if restarts >= fault.max_restarts:
+                    self.log.write("gave_up", reason="max_restarts", restarts=restarts)
+                    self.finish(t0, None)
+                    raise RunFailed(f"rank {failure.rank} failed ({failure.cause}: {failure.detail}) after "
+                                    f"{restarts} restarts; fault.max_restarts={fault.max_restarts}. Events: "
+                                    f"{self.log.path}")
+                restarts += 1
+                # Warm restart: the actors (and the imports their forkservers hold) stay, only the training
+                # processes are started again. A lost node, or an actor that does not answer, needs new ones.
+                warm = failure.cause != "node_lost" and group.stop_training()
+                if not warm:
+                    group.shutdown()
+                    group = None
+                say(f"{failure.cause} on rank {failure.rank} at step {failure.last_step} ({failure.detail}); "
+                    f"restarting ({restarts}/{fault.max_restarts}, {'same' if warm else 'new'} worker actors) from "
+                    f"the newest checkpoint")
+                self.log.write("restart", attempt=restarts, cause=failure.cause, warm=warm,
+                               teardown_s=time.time() - failure.detected)
+        finally:
+            if group is not None:
                 group.shutdown()
-            attempt.ended = time.time()
-            if result is not None:
-                self.finish(t0, result)
-                return {"summary": result, "goodput": self.goodput(t0)}
-            failure = attempt.failure
-            self.log.write("failure", cause=failure.cause, detail=failure.detail, rank=failure.rank,
-                           last_step=failure.last_step, attempt=restarts,
-                           detect_s=failure.detected - self._last_beat(attempt, failure.detected))
-            if not failure.retryable:
-                self.log.write("gave_up", reason="not_retryable", detail=failure.detail)
-                self.finish(t0, None)
-                raise RunFailed(f"rank {failure.rank}: {failure.detail} (not retried: a restart would repeat it)")
-            if restarts >= fault.max_restarts:
-                self.log.write("gave_up", reason="max_restarts", restarts=restarts)
-                self.finish(t0, None)
-                raise RunFailed(f"rank {failure.rank} failed ({failure.cause}: {failure.detail}) after "
-                                f"{restarts} restarts; fault.max_restarts={fault.max_restarts}. Events: "
-                                f"{self.log.path}")
-            restarts += 1
-            say(f"{failure.cause} on rank {failure.rank} at step {failure.last_step} ({failure.detail}); "
-                f"restarting ({restarts}/{fault.max_restarts}) from the newest checkpoint")
-            self.log.write("restart", attempt=restarts, cause=failure.cause,
-                           teardown_s=attempt.ended - failure.detected)
+
+    def place(self, restarts: int, t0: float) -> WorkerGroup:
+        """A placed group, waiting up to fault.capacity_timeout_s for the room; with fault.elastic, a
+        smaller group on the nodes that are left when the room does not come back."""
+        fault = self.cfg.fault
+        group = WorkerGroup(self.plan)
+        place_t = time.time()
+        placed = group.place(fault.capacity_timeout_s)
+        if not placed and fault.elastic and restarts and self.shrink():
+            group.shutdown()
+            group = WorkerGroup(self.plan)
+            placed = group.place(fault.capacity_timeout_s)
+        if not placed:
+            group.shutdown()
+            self.log.write("gave_up", reason="no_capacity", waited_s=time.time() - place_t)
+            self.finish(t0, None)
+            raise RunFailed(f"the cluster had no room for {self.plan.world_size} workers "
+                            f"({self.plan.bundles()[0]} on each of {self.plan.nnodes} nodes) within "
+                            f"fault.capacity_timeout_s={fault.capacity_timeout_s:g}")
+        if restarts:
+            self.log.write("restart_placed", attempt=restarts, waited_for_capacity_s=time.time() - place_t)
+        return group
+
+    def shrink(self) -> bool:
+        """Fit the run to the nodes that can hold a slot now, with fewer data-parallel replicas; False if
+        no smaller layout works (then the run gives up as without elastic)."""
+        per_node = self.plan.bundles()[0]
+        fit = sum(all(n["Resources"].get(k, 0) >= v for k, v in per_node.items())
+                  for n in ray.nodes() if n.get("Alive"))
+        nnodes = min(fit, self.plan.nnodes - 1)
+        if nnodes < 1:
+            return False
+        try:
+            cfg = elastic_layout(self.cfg, self.plan.world_size, nnodes * self.plan.nproc_per_node)
+        except LayoutError as e:
+            self.log.write("elastic_refused", nnodes=nnodes, reason=str(e))
+            say(f"cannot continue on {nnodes} node(s): {e}")
+            return False
+        old, p = self.plan, cfg.parallel
+        self.plan = GroupPlan(nnodes, old.nproc_per_node, old.cpus_per_worker, old.gpus_per_worker)
+        self.cfg = cfg
+        self.log.write("elastic_shrink", from_world_size=old.world_size, to_world_size=self.plan.world_size,
+                       from_nnodes=old.nnodes, to_nnodes=nnodes, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard)
+        say(f"no room for {old.nnodes} nodes within fault.capacity_timeout_s; fault.elastic: going on with "
+            f"{nnodes} node(s), {self.plan.world_size} workers (dp_replicate={p.dp_replicate}, "
+            f"dp_shard={p.dp_shard})")
+        return True
 
     # -- watching one attempt ----------------------------------------------------------------------
     def watch(self, group: WorkerGroup, attempt: Attempt) -> dict | None:
@@ -196,44 +248,74 @@ class Supervisor:
 
     def classify(self, group: WorkerGroup, rank: int, error: Exception, last_step: int) -> Failure:
         detected = time.time()
-        # A rank's exception is often the echo of a peer's death (gloo: "connection closed by peer"), so
-        # ask every rank whether it is still there before blaming the one that spoke first.
+        # First the machinery: a lost node, or a rank whose actor is gone or does not answer.
         dead_nodes = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
         pings = {r: w.where.remote() for r, w in enumerate(group.workers)}
         ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=1.0)
-        culprit, cause, detail = rank, "error", _first_line(error)
+        lost = dead = None
         for r, ref in pings.items():
             node = group.where[r]["node_id"] if r < len(group.where) else None
             if node in dead_nodes:
                 return Failure("node_lost", f"node {group.where[r]['ip']} ({node[:8]}) is gone", r, detected,
                                last_step)
             if ref not in ready:
-                culprit, cause, detail = r, "node_lost", "the rank stopped answering (its node is unreachable)"
+                lost = lost if lost is not None else r
                 continue
             try:
                 ray.get(ref, timeout=1)
             except (ActorDiedError, RayActorError) as e:
-                if cause != "node_lost":
-                    culprit, cause, detail = r, "actor_died", _first_line(e)
-        if cause == "error" and isinstance(error, (ActorDiedError, RayActorError)):
-            cause = "actor_died"
-        if cause == "actor_died" and culprit < len(group.where) and len(ray.nodes()) > 1:
+                dead = dead or (r, _first_line(e))
+        if lost is not None:
+            return Failure("node_lost", "the rank stopped answering (its node is unreachable)", lost, detected,
+                           last_step)
+        if dead is not None:
+            return self._actor_died(group, *dead, detected, last_step)
+        # Every actor answers: ask how each rank's training process ended.
+        culprit = self._culprit(group)
+        if culprit is not None:
+            r, o = culprit
+            if o["state"] == "died":
+                return Failure("process_died", str(RankProcessDied(r, o["exitcode"])), r, detected, last_step)
+            return Failure("error", o["detail"], r, detected, last_step, retryable=not o["user_error"])
+        cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+        return Failure("error", _first_line(cause), rank, detected, last_step)
+
+    @staticmethod
+    def _actor_died(group: WorkerGroup, rank: int, detail: str, detected: float, last_step: int) -> Failure:
+        if rank < len(group.where) and len(ray.nodes()) > 1:
             # When a node vanishes its processes die with it, and Ray reports the dead actors before its
             # health checks declare the node dead: give them a moment to tell a lost node from a crash.
-            node = group.where[culprit]["node_id"]
+            node = group.where[rank]["node_id"]
             deadline = time.time() + NODE_DEATH_GRACE_S
             while time.time() < deadline:
                 if any(n["NodeID"] == node and not n.get("Alive") for n in ray.nodes()):
-                    return Failure("node_lost", f"node {group.where[culprit]['ip']} ({node[:8]}) is gone", culprit,
+                    return Failure("node_lost", f"node {group.where[rank]['ip']} ({node[:8]}) is gone", rank,
                                    detected, last_step)
                 time.sleep(0.2)
-        if cause == "error" and isinstance(error, RayTaskError):
-            detail = _first_line(error.cause if error.cause is not None else error)
-            from ..training.run import USER_ERRORS
+        return Failure("process_died", detail, rank, detected, last_step)
 
-            if isinstance(error.cause, USER_ERRORS):
-                return Failure(cause, detail, culprit, detected, last_step, retryable=False)
-        return Failure(cause, detail, culprit, detected, last_step)
+    @staticmethod
+    def _culprit(group: WorkerGroup, wait_s: float = 1.0) -> tuple[int, dict] | None:
+        """The rank that failed first, with how its training process ended.
+
+        A failure echoes: when one rank dies or raises, its peers' collectives fail too (gloo: "connection
+        closed by peer"), and those errors can reach the supervisor first. So wait a moment for every rank
+        to tell how its process ended, then blame a process that died without an exception, else the
+        first exception that is not such an echo, else the first exception."""
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                outcomes = ray.get([w.status.remote() for w in group.workers], timeout=wait_s)
+            except Exception:  # noqa: BLE001 - an actor that cannot answer is judged by the caller
+                return None
+            if any(o and o["state"] == "died" for o in outcomes) or all(outcomes) or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        failed = [(r, o) for r, o in enumerate(outcomes) if o and o["state"] in ("died", "error")]
+        if not failed:
+            return None
+        return min(failed, key=lambda ro: (ro[1]["state"] != "died", ro[1].get("echo", False),
+                                           ro[1].get("time", 0.0)))
 
     @staticmethod
     def _last_beat(attempt: Attempt, default: float) -> float:
@@ -270,6 +352,22 @@ class Supervisor:
         self.log.write("goodput", **g)
         self.log.merge()
         self.last_goodput = g
+
+
+def elastic_layout(cfg, world_size: int, new_world_size: int):
+    """`cfg` with its data-parallel degrees cut down to fit `new_world_size` processes (tp and pp kept;
+    dp_shard kept while it still divides the replicas left, so a hybrid run stays hybrid). Raises
+    LayoutError when no such layout exists or the global batch does not split over it."""
+    p = cfg.parallel
+    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    if new_world_size % (dims.tp * dims.pp):
+        raise LayoutError(f"{new_world_size} processes do not hold whole tp={dims.tp} x pp={dims.pp} groups")
+    dp = new_world_size // (dims.tp * dims.pp)
+    shard = dims.dp_shard if dp % dims.dp_shard == 0 else dp
+    new = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=dp // shard, dp_shard=shard,
+                                                                tp=dims.tp, pp=dims.pp))
+    check_layout(new, ParallelDims.resolve(dp // shard, shard, dims.tp, dims.pp, new_world_size))
+    return new
 
 
 def goodput_line(g: dict) -> str:

@@ -59,9 +59,21 @@ def check_layout(cfg, dims: ParallelDims) -> None:
         if m.qk_norm:
             raise LayoutError("model.qk_norm with parallel.tp > 1 is not supported yet (its gains would see only "
                               "the local heads' gradients); set model.qk_norm=false or parallel.tp=1")
+        if m.rmsnorm.impl not in ("auto", "torch"):
+            # Sequence parallelism hands the norms DTensors; the fused kernels take plain tensors. (q, k, gate
+            # and up are plain local shards, so rope/swiglu/attention kernels are fine.)
+            raise LayoutError(f"model.rmsnorm.impl={m.rmsnorm.impl} cannot run with parallel.tp > 1 (sequence-"
+                              f"parallel norms run on DTensors); set model.rmsnorm.impl=auto or torch")
         if m.z_loss and p.loss_parallel:
             raise LayoutError("model.z_loss needs the full logits; with parallel.tp > 1 set "
                               "parallel.loss_parallel=false")
+    if m.cross_entropy.impl != "unfused" and (dims.tp > 1 or dims.pp > 1):
+        # tp: the output layer is a vocab-sharded DTensor, and loss_parallel already avoids gathering the
+        # logits. pp: the schedule's loss function only sees the last stage's output, not its weight.
+        raise LayoutError(f"model.cross_entropy.impl={m.cross_entropy.impl} computes the loss from the whole output "
+                          f"layer on one rank; it cannot be combined with parallel.tp > 1 or parallel.pp > 1 yet. "
+                          f"Set model.cross_entropy.impl=unfused (with tp > 1, parallel.loss_parallel=true keeps "
+                          f"the logits vocab-sharded instead)")
     if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         raise LayoutError("model.tie_embeddings needs the embedding and the output layer in one place; it cannot "
                           "be combined with parallel.tp > 1 or parallel.pp > 1 yet")

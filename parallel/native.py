@@ -18,7 +18,7 @@ from ..checkpoints.state import load_model_optim_state, model_optim_state
 from ..training.config import Config
 from ..training.device import autocast
 from ..training.engine import Engine, adamw
-from ..training.loss import lm_loss
+from ..training.loss import lm_loss, model_loss
 from ..training.model import build_model
 from .data_parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
 from .dims import ParallelDims
@@ -127,9 +127,7 @@ class NativeEngine(Engine):
                 # Reduce-scatter gradients once, after the last micro-batch, not after each one.
                 self.model.set_requires_gradient_sync(i == len(chunks) - 1)
             with self._loss_context():
-                with self._compute_context():
-                    logits = self.model(inputs)
-                loss, ce = lm_loss(logits, targets, self.cfg.model.z_loss)
+                loss, ce = model_loss(self.model, inputs, targets, self.cfg.model, self._compute_context)
                 (loss / len(chunks)).backward()
             total += _plain(ce)
         return self._global_mean(total / len(chunks))
@@ -166,8 +164,8 @@ class NativeEngine(Engine):
         chunks = self._micro_batches(inputs_bT, targets_bT)
         total = torch.zeros((), device=self.device)
         for inputs, targets in chunks:
-            with self._loss_context(), self._compute_context():
-                total += _plain(lm_loss(self.model(inputs), targets)[1])
+            with self._loss_context():
+                total += _plain(model_loss(self.model, inputs, targets, self.cfg.model, self._compute_context)[1])
         return self._global_mean(total / len(chunks))
 
     def state_dict(self) -> dict:

@@ -185,6 +185,16 @@ def test_resume_into_a_different_model_names_the_differences(tiny_config):
         train(tiny_config("train.steps=10", "checkpoint.interval=5", "model.dim=64"))
 
 
+def test_resume_with_other_kernels_is_the_same_model(tiny_config):
+    # Which kernel runs an op is not the architecture: it may change between save and resume.
+    from keel.training.loop import train
+
+    train(tiny_config("train.steps=5", "checkpoint.interval=5", "model.rmsnorm.impl=torch"))
+    resumed = train(tiny_config("train.steps=6", "checkpoint.interval=5", "model.rmsnorm.impl=auto",
+                                "model.swiglu.impl=torch", "model.attention.impl=sdpa"))
+    assert "resumed" in [e["kind"] for e in events(resumed.run_dir)]
+
+
 def test_resume_from_a_path_that_is_not_a_checkpoint_is_one_clear_line(tmp_path):
     result = subprocess.run([*KEEL, "train", "configs/tiny.yaml", "--resume", str(tmp_path / "nope")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})

@@ -3,6 +3,7 @@
 The head is started by this module (its own ports and temp dir, `--block` so that terminating that one
 process stops exactly this cluster; never `ray stop`, which would stop every Ray on the machine).
 """
+import json
 import os
 import secrets
 import shutil
@@ -30,7 +31,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the user's is read or written
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -38,6 +39,8 @@ def head(tmp_path_factory):
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
                              "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1",
+                             # Not the fixed default (52365): another Ray on the machine must not take our job agent.
+                             "--dashboard-agent-listen-port", str(agent),
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "true",
                              "--disable-usage-stats", "--temp-dir", str(tmp_path_factory.mktemp("ray"))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -50,7 +53,7 @@ def head(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("the Ray head did not come up in 60 s")
-    yield {"url": url, "home": home}
+    yield {"url": url, "home": home, "gcs": f"127.0.0.1:{gcs}", "pid": proc.pid}
     # `ray start --block` stops the processes it started when it is told to stop.
     proc.send_signal(signal.SIGTERM)
     try:
@@ -110,15 +113,89 @@ def test_submit_runs_the_job_and_status_logs_list_report_it(head, job_dir, corpu
     assert job in listed and "SUCCEEDED" in listed
 
 
-def test_stop_ends_a_running_job(head, job_dir, corpus_dir, tiny_overrides, tmp_path):
+def training_processes(head) -> set[int]:
+    """The keel-rankN training processes under this module's Ray head (launcher/group.py names them)."""
+    def parent(pid):
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().startswith("keel-rank"):
+                pid = int(entry.name)
+                while pid > 1 and pid != head["pid"]:
+                    pid = parent(pid)
+                if pid == head["pid"]:
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def step_reached(run_dir: Path, step: int, after: float = 0.0) -> bool:
+    """Whether the run logged step `step` at or past time `after` (a record being written is skipped)."""
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["kind"] == "step" and record["step"] >= step and record["time"] > after:
+            return True
+    return False
+
+
+def test_stop_ends_a_running_job_and_its_training_processes(head, job_dir, corpus_dir, tiny_overrides, tmp_path):
     sub = keel("submit", str(job_dir / "tiny.yaml"), "--working-dir", str(job_dir), "--address", head["url"], "--python",
-               sys.executable, *sets(*tiny_overrides, "train.steps=100000", f"data.path={corpus_dir}",
-                                     f"train.output_dir={tmp_path}"), home=head["home"])
+               sys.executable, *sets(*tiny_overrides, "parallel.dp_shard=2", "train.micro_batch_size=4",
+                                     "train.steps=100000", f"data.path={corpus_dir}", f"train.output_dir={tmp_path}"),
+               home=head["home"])
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().splitlines()[-1]
     wait_for(head, job, ["RUNNING"])
+    deadline = time.time() + 120
+    while time.time() < deadline and not step_reached(tmp_path / "tiny", 2):
+        time.sleep(0.5)
+    training = training_processes(head)
+    assert len(training) == 2
     stopped = keel("stop", job, "--address", head["url"], home=head["home"])
     assert stopped.returncode == 0 and f"{job}: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    # Nothing trains on behind a stopped job: each training process dies with its actor.
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in training):
+        time.sleep(0.5)
+    assert not [pid for pid in training if Path(f"/proc/{pid}").exists()]
+
+
+def test_chaos_kills_a_training_process_then_an_actor_and_the_job_trains_on(
+        head, job_dir, corpus_dir, tiny_overrides, tmp_path):
+    run_dir = tmp_path / "tiny"
+    sub = keel("submit", str(job_dir / "tiny.yaml"), "--working-dir", str(job_dir), "--address", head["url"], "--python",
+               sys.executable, *sets(*tiny_overrides, "parallel.dp_shard=2", "train.micro_batch_size=4",
+                                     "train.steps=100000", "checkpoint.interval=5", f"data.path={corpus_dir}",
+                                     f"train.output_dir={tmp_path}"), home=head["home"])
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().splitlines()[-1]
+    since = 0.0
+    for flags, what in (([], "training process"), (["--actor"], "actor"), ([], None)):
+        deadline = time.time() + 120
+        while time.time() < deadline and not step_reached(run_dir, 8, after=since):
+            time.sleep(0.2)
+        assert step_reached(run_dir, 8, after=since), "the job did not (re)start training"
+        if what is None:
+            break
+        drill = keel("chaos", "--address", head["gcs"], "--seed", "0", *flags, home=head["home"])
+        assert drill.returncode == 0 and f"killed the {what} of" in drill.stdout, \
+            drill.stdout + drill.stderr + keel("logs", job, "--address", head["url"], home=head["home"]).stdout[-3000:]
+        since = time.time()
+    keel("stop", job, "--address", head["url"], home=head["home"])
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["cause"] for e in events if e["kind"] == "failure"] == ["process_died", "process_died"]
+    # The killed training process is restarted inside the same actors; a killed actor gets a new group.
+    assert [e["warm"] for e in events if e["kind"] == "restart"] == [True, False]
 
 
 @pytest.mark.parametrize("token, message", [

@@ -2,7 +2,8 @@
 
 Each of two worker nodes holds one rank (the group is spread with STRICT_SPREAD). Mid-run one node is
 removed without warning and a replacement joins: the supervisor sees the node go, tears the group down,
-waits for room for both ranks, starts again and the run finishes with the uninterrupted run's loss.
+waits for room for both ranks, starts again and the run finishes with the uninterrupted run's loss. With
+fault.elastic and no replacement, the run goes on with one replica on the node that is left.
 """
 import json
 import os
@@ -73,3 +74,35 @@ def test_losing_a_node_mid_run_restarts_on_a_replacement_and_matches_the_uninter
     assert [e["kind"] for e in events].count("restart") == 1
     started = [e for e in events if e["kind"] == "group_started"]
     assert len(started) == 2 and result["goodput"]["restarts_by_cause"] == {"node_lost": 1}
+
+
+def test_with_fault_elastic_the_run_goes_on_with_fewer_replicas_when_the_node_does_not_come_back(
+        cluster, corpus_dir, tmp_path, tiny_overrides):
+    reference = train_on_ray(None, overrides(corpus_dir, tmp_path, "reference", tiny_overrides),
+                             nproc_per_node=1, nnodes=2)
+    result = {}
+    elastic = [*overrides(corpus_dir, tmp_path, "elastic", tiny_overrides), "fault.elastic=true",
+               "fault.capacity_timeout_s=3"]
+    runner = threading.Thread(target=lambda: result.update(train_on_ray(None, elastic, nproc_per_node=1, nnodes=2)))
+    runner.start()
+    metrics = tmp_path / "elastic" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"step": 12,' in metrics.read_text()):
+        time.sleep(0.05)
+    cluster.remove_node(list(cluster.worker_nodes)[-1], allow_graceful=False)  # and no replacement comes
+    try:
+        runner.join(timeout=180)
+        assert not runner.is_alive()
+    finally:
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # back to two for whatever runs next
+
+    events = [json.loads(line) for line in (tmp_path / "elastic" / "events.jsonl").read_text().splitlines()]
+    shrink = next(e for e in events if e["kind"] == "elastic_shrink")
+    assert (shrink["from_world_size"], shrink["to_world_size"], shrink["dp_shard"]) == (2, 1, 1)
+    resumed = [e for e in events if e["kind"] == "resumed"]
+    assert resumed and resumed[-1]["time"] > shrink["time"]  # from the checkpoint saved by two replicas
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps[-1]["step"] == 40
+    # One replica accumulating two micro-batches takes the same steps as two replicas of one: only the
+    # order of the fp32 sums differs.
+    assert result["summary"]["final_loss"] == pytest.approx(reference["summary"]["final_loss"], rel=1e-4)

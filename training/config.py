@@ -33,6 +33,41 @@ class AttentionConfig:
     impl: Literal["auto", "sdpa", "triton", "cuda", "flash_attn"] = "auto"
 
 
+# The other fused ops (kernels/ops.py): "torch" is the model's own math; "auto" is torch on CPU, and on
+# CUDA keel's Triton kernel where it fits (a judgement, not a measurement: see kernels/README.md).
+@dataclass
+class RMSNormConfig:
+    # "cuda" is keel's CUDA C++ kernel; "liger" Liger-Kernel's (CUDA only). Tensor parallelism needs
+    # torch/auto: its sequence-parallel norms run on DTensors.
+    impl: Literal["auto", "torch", "triton", "cuda", "liger"] = "auto"
+
+
+@dataclass
+class SwiGLUConfig:
+    impl: Literal["auto", "torch", "triton", "liger"] = "auto"
+
+
+@dataclass
+class RoPEConfig:
+    # No "liger": Liger's RoPE rotates (x[i], x[i + d/2]) pairs, the model (x[2i], x[2i+1]).
+    impl: Literal["auto", "torch", "triton"] = "auto"
+
+
+@dataclass
+class CrossEntropyConfig:
+    # "unfused" computes the [B, T, V] logits, then the loss. The others compute the loss from the final
+    # hidden states and the output weight chunk by chunk, never holding all logits (kernels/cross_entropy.py):
+    # "chunked" in PyTorch, "triton" with a Triton softmax kernel, "liger" Liger-Kernel's (CUDA); "auto" is
+    # triton on CUDA, chunked on CPU. Not with parallel.tp > 1 or parallel.pp > 1 (see parallel/dims.py).
+    impl: Literal["auto", "unfused", "chunked", "triton", "liger"] = "unfused"
+    # Tokens per chunk; None = as many as keep one chunk's fp32 logits within 256 MiB.
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        _require(self.chunk_size is None or self.chunk_size > 0,
+                 f"model.cross_entropy.chunk_size must be positive or null, got {self.chunk_size}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 256
@@ -54,6 +89,10 @@ class ModelConfig:
     z_loss: float = 0.0
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    rmsnorm: RMSNormConfig = field(default_factory=RMSNormConfig)
+    swiglu: SwiGLUConfig = field(default_factory=SwiGLUConfig)
+    rope: RoPEConfig = field(default_factory=RoPEConfig)
+    cross_entropy: CrossEntropyConfig = field(default_factory=CrossEntropyConfig)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -271,8 +310,12 @@ class FaultConfig:
     # No step on some rank for this long (counted from the group's start) is a hang: restart.
     hang_timeout_s: float = 300.0
     # How long a restart waits for the cluster to have room for the whole group again (a lost node
-    # to be replaced) before the run gives up.
+    # to be replaced) before the run gives up, or, with `elastic`, goes on with fewer nodes.
     capacity_timeout_s: float = 300.0
+    # When a lost node's room does not come back within capacity_timeout_s, continue on the nodes that
+    # are left with fewer data-parallel replicas: the same global batch (more gradient accumulation per
+    # replica), resumed by resharding the newest checkpoint. tp and pp stay as they are.
+    elastic: bool = False
     # Before a group's first step (imports, process group, data, checkpoint restore) the hang clock
     # allows this much instead.
     startup_timeout_s: float = 600.0

@@ -17,6 +17,13 @@ PUBLISHED_BF16_PEAK = {
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12,
 }
+# Published memory bandwidth (bytes/s), same matching; the first key contained in the name wins, so the
+# more specific names come first. What `keel bench` compares memory-bound kernels against.
+PUBLISHED_MEMORY_BANDWIDTH = {
+    "H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12,
+    "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12,
+    "A10G": 0.6e12, "L4": 0.3e12, "RTX 4090": 1.008e12,
+}
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -62,6 +69,16 @@ def _measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - t0) / 3)
     return 2 * n ** 3 / best
+
+
+def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
+    """(published memory bandwidth in bytes/s, where it comes from), or (None, why) when unknown."""
+    name = device_name(device)
+    if device.type == "cuda":
+        for key, value in PUBLISHED_MEMORY_BANDWIDTH.items():
+            if key in name:
+                return value, f"published memory bandwidth of {key}"
+    return None, f"no published memory bandwidth for {name}"
 
 
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:

@@ -17,7 +17,7 @@ from ..parallel.data_parallel import apply_activation_checkpointing, apply_compi
 from ..parallel.materialise import materialise
 from .config import Config, ConfigError
 from .device import autocast
-from .loss import lm_loss
+from .loss import model_loss
 from .model import Transformer, build_model
 
 if TYPE_CHECKING:
@@ -88,14 +88,15 @@ class LocalEngine(Engine):
         mb = self.cfg.train.micro_batch_size
         return zip(inputs_bT.split(mb), targets_bT.split(mb))
 
+    def _compute(self):
+        return autocast(self.device, self.cfg.train.precision)
+
     def forward_backward(self, inputs_bT, targets_bT) -> float:
         self.model.train()
         chunks = list(self._micro_batches(inputs_bT.to(self.device), targets_bT.to(self.device)))
         total = torch.zeros((), device=self.device)
         for inputs, targets in chunks:
-            with autocast(self.device, self.cfg.train.precision):
-                logits = self.model(inputs)
-            loss, ce = lm_loss(logits, targets, self.cfg.model.z_loss)
+            loss, ce = model_loss(self.model, inputs, targets, self.cfg.model, self._compute)
             # Micro-batches hold equal token counts, so the mean of their means is the global mean.
             (loss / len(chunks)).backward()
             total += ce
@@ -121,9 +122,7 @@ class LocalEngine(Engine):
         self.model.eval()
         total, chunks = 0.0, list(self._micro_batches(inputs_bT.to(self.device), targets_bT.to(self.device)))
         for inputs, targets in chunks:
-            with autocast(self.device, self.cfg.train.precision):
-                logits = self.model(inputs)
-            total += lm_loss(logits, targets)[1].item()
+            total += model_loss(self.model, inputs, targets, self.cfg.model, self._compute)[1].item()
         return total / len(chunks)
 
     def state_dict(self) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kernels.cross_entropy import default_chunk_size
 from .config import ModelConfig
 
 
@@ -91,7 +92,9 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, pre
     parallelism all of it is divided by tp. A pipeline stage holds n_layers/pp layers, but keeps
     `micro_batches_in_flight` micro-batches of them (1F1B: up to pp; GPipe: all of them). Logits and
     their gradient add s*b*V*4*2 bytes (fp32, vocab-sharded by tp) on the last stage; they are counted
-    whenever pp == 1. Not counted: FSDP's transient all-gather of one block, allocator fragmentation.
+    whenever pp == 1. With a chunked fused cross-entropy (model.cross_entropy.impl != unfused) only one
+    chunk of them exists at a time: chunk*V*4*2. Not counted: FSDP's transient all-gather of one block,
+    allocator fragmentation.
     """
     n = count_params(cfg).total / (dp_shard * tp * pp)
     s, b, h = seq_len, micro_batch_size, cfg.dim
@@ -99,5 +102,8 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, pre
     layers_per_stage = cfg.n_layers / pp
     activations = layers_per_stage * per_layer * micro_batches_in_flight
     if pp == 1:
-        activations += s * b * cfg.vocab_size * 4 * 2 / tp
+        rows = s * b
+        if cfg.cross_entropy.impl != "unfused":
+            rows = min(rows, cfg.cross_entropy.chunk_size or default_chunk_size(rows, cfg.vocab_size))
+        activations += rows * cfg.vocab_size * 4 * 2 / tp
     return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=activations)

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.attention import check_attention_impl
+from ..kernels.cross_entropy import check_cross_entropy_impl
+from ..kernels.ops import check_op_impl
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, dump_config
@@ -67,13 +69,27 @@ def resolve_data(cfg: Config, progress: bool = True) -> Path:
     return data_dir
 
 
-def check_attention(cfg: Config, device: torch.device) -> None:
-    """A kernel that cannot run this model on this device says so now, not with a wrong result later."""
+def check_kernels(cfg: Config, device: torch.device, tp: int = 1) -> None:
+    """A kernel that cannot run this model on this device says so now, not with a wrong result later.
+    (Kernel choices that depend on the parallel layout are checked by parallel.dims.check_layout.)"""
+    m = cfg.model
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     try:
-        check_attention_impl(cfg.model.attention.impl, cfg.model.head_dim, dtype, device.type)
+        check_attention_impl(m.attention.impl, m.head_dim, dtype, device.type)
     except ValueError as e:
         raise ConfigError(f"model.attention.impl: {e}") from e
+    # Sizes as one process sees them: tensor parallelism splits the heads.
+    sizes = {"rmsnorm": dict(dim=m.dim), "swiglu": {},
+             "rope": dict(dim=m.head_dim, n_heads=m.n_heads // tp, n_kv_heads=m.n_kv_heads // tp)}
+    for op, kwargs in sizes.items():
+        try:
+            check_op_impl(op, getattr(m, op).impl, device.type, dtype=dtype, **kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model.{op}.impl: {e}") from e
+    try:
+        check_cross_entropy_impl(m.cross_entropy.impl, device)
+    except ValueError as e:
+        raise ConfigError(f"model.cross_entropy.impl: {e}") from e
 
 
 # Events worth a console line as well as a line in events.jsonl.
@@ -137,7 +153,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], Non
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg.train.device, env.local_rank)
-    check_attention(cfg, device)
+    check_kernels(cfg, device, dims.tp)
     distributed = env.world_size > 1
     if distributed:
         init_distributed(device)

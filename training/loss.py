@@ -1,8 +1,14 @@
 """The training loss: token cross-entropy plus optional z-loss on the output logits."""
 from __future__ import annotations
 
+import contextlib
+from typing import TYPE_CHECKING, Callable, ContextManager
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, z_loss: float = 0.0
@@ -18,3 +24,20 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, z_loss: float = 
         return ce, ce.detach()
     log_z_N = torch.logsumexp(logits_NV, dim=-1)
     return ce + z_loss * log_z_N.pow(2).mean(), ce.detach()
+
+
+def model_loss(model: torch.nn.Module, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, cfg: "ModelConfig",
+               compute: Callable[[], ContextManager] = contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, cross-entropy to report) of `model` on a batch: the one way the engines
+    score a batch, for training and evaluation alike.
+
+    `compute` is the context the model's forward runs in (autocast). With model.cross_entropy.impl
+    "unfused" the logits leave the model and lm_loss runs on them in fp32 outside it; otherwise the model
+    computes the loss itself, chunk by chunk, without materialising the logits (Transformer.forward).
+    """
+    if cfg.cross_entropy.impl == "unfused":
+        with compute():
+            logits_BTV = model(inputs_BT)
+        return lm_loss(logits_BTV, targets_BT, cfg.z_loss)
+    with compute():
+        return model(inputs_BT, targets_BT)

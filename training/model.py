@@ -12,23 +12,24 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention import attention
+from ..kernels.cross_entropy import fused_linear_cross_entropy
+from ..kernels.ops import apply_rope, rms_norm, rope, swiglu  # noqa: F401  (apply_rope: the reference RoPE)
 from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, impl: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.impl = eps, impl
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x):
-        # Normalise in fp32: bf16 sums of squares lose the precision that keeps the norm stable.
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Every backend (kernels/ops.py) normalises in fp32: bf16 sums of squares lose the precision that
+        # keeps the norm stable.
+        return rms_norm(x, self.weight, self.eps, self.impl)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,27 +39,17 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return angles_Tf.cos(), angles_Tf.sin()
 
 
-def apply_rope(x_BHTd: torch.Tensor, cos_Tf: torch.Tensor, sin_Tf: torch.Tensor) -> torch.Tensor:
-    # Rotate interleaved pairs (x0, x1), (x2, x3), ... as Llama does.
-    T = x_BHTd.shape[-2]
-    x = x_BHTd.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    cos, sin = cos_Tf[:T], sin_Tf[:T]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.type_as(x_BHTd)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.impl = cfg.attention.impl
+        self.impl, self.rope_impl = cfg.attention.impl, cfg.rope.impl
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.rmsnorm.impl) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.rmsnorm.impl) if cfg.qk_norm else None
 
     def forward(self, x_BTD, cos_Tf, sin_Tf):
         B, T, _ = x_BTD.shape
@@ -68,7 +59,7 @@ class Attention(nn.Module):
         v_BKTd = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q_BHTd, k_BKTd = self.q_norm(q_BHTd), self.k_norm(k_BKTd)
-        q_BHTd, k_BKTd = apply_rope(q_BHTd, cos_Tf, sin_Tf), apply_rope(k_BKTd, cos_Tf, sin_Tf)
+        q_BHTd, k_BKTd = rope(q_BHTd, k_BKTd, cos_Tf, sin_Tf, self.rope_impl)
         o_BHTd = attention(q_BHTd, k_BKTd, v_BKTd, causal=True, impl=self.impl)
         return self.wo(o_BHTd.transpose(1, 2).reshape(B, T, -1))
 
@@ -76,23 +67,24 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, impl: str = "auto"):
         super().__init__()
+        self.impl = impl
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x_BTD):
-        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
+        return self.w2(swiglu(self.w1(x_BTD), self.w3(x_BTD), self.impl))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.rmsnorm.impl)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.rmsnorm.impl)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, cfg.swiglu.impl)
 
     def forward(self, x_BTD, cos_Tf, sin_Tf):
         h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_Tf, sin_Tf)
@@ -107,7 +99,7 @@ class Transformer(nn.Module):
         # A ModuleDict keyed by layer index keeps parameter names stable when pipeline parallelism
         # deletes the layers another stage owns (torchtitan does the same).
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.rmsnorm.impl)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         # Non-persistent: derived from the config, so checkpoints need not carry them.
@@ -134,8 +126,13 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor | None = None):
         """Token ids [B, T] -> logits [B, T, V] (fp32 at the output so the loss is computed in fp32).
+
+        With `targets_BT`: (loss, cross-entropy) from model.cross_entropy's fused linear + cross-entropy
+        instead, straight from the final hidden states, so the [B, T, V] logits never exist at once
+        (training/loss.py `model_loss` decides which). It runs here, inside forward, because FSDP gathers
+        the root unit's weights (the output layer's among them) only around the root's forward.
 
         A pipeline stage that lacks the embedding takes hidden states [B, T, D] instead, and one that
         lacks the head returns hidden states (parallel/pipeline.py removes what a stage does not own).
@@ -145,7 +142,11 @@ class Transformer(nn.Module):
             h_BTD = layer(h_BTD, self.rope_cos, self.rope_sin)
         if self.output is None:
             return h_BTD
-        return self.output(self.norm(h_BTD)).float()
+        if targets_BT is None:
+            return self.output(self.norm(h_BTD)).float()
+        ce = self.cfg.cross_entropy
+        return fused_linear_cross_entropy(self.norm(h_BTD), self.output.weight, targets_BT, z_loss=self.cfg.z_loss,
+                                          impl=ce.impl, chunk_size=ce.chunk_size)
 
 
 def initial_value(cfg: ModelConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:

@@ -35,6 +35,9 @@ def test_every_triton_kernel_and_autotune_config_compiles_for_sm90_within_shared
     assert not too_big, f"configs over {SM90_MAX_SHARED_BYTES} B of shared memory: {too_big}"
     kernels = {r["kernel"] for r in results}
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_delta", "_rmsnorm_fwd", "_rmsnorm_bwd",
-            "_swiglu_fwd", "_swiglu_bwd", "_rope"} <= kernels
+            "_swiglu_fwd", "_swiglu_bwd", "_rope", "_ce_rows"} <= kernels
     rope = [r for r in results if r["kernel"] == "_rope"]
     assert {r["constexprs"]["BACKWARD"] for r in rope} == {False, True}
+    ce = [r for r in results if r["kernel"] == "_ce_rows"]  # V = 128256: fp32 logits, fp32/bf16 gradient
+    assert {(r["dtype"], r["constexprs"]["HAS_GRAD"]) for r in ce} == {("float32", True), ("bfloat16", True),
+                                                                        ("float32", False)}
