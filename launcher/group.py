@@ -78,6 +78,7 @@ class RankWorker:
     def __init__(self, rank: int, local_rank: int, world_size: int, cwd: str):
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.records: list[dict] = []
+        self.attempt = -1
         self.lock = threading.Lock()
         self.proc = None
         self.outcome: dict | None = None
@@ -95,17 +96,17 @@ class RankWorker:
 
     def where(self) -> dict:
         return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(),
-                "train_pid": self.proc.pid if self.proc is not None and self.proc.is_alive() else None}
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def free_port(self) -> int:
         with socket.socket() as s:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def run(self, cfg, master_addr: str, master_port: int) -> dict:
+    def run(self, cfg, master_addr: str, master_port: int, attempt: int) -> dict:
         """Train in a fresh child process until it finishes (its summary), fails (its exception is re-raised
-        here) or dies (RankProcessDied)."""
+        here) or dies (RankProcessDied). `attempt` numbers the supervisor's attempts: heartbeats are
+        answered per attempt, so a poll that overtakes this call never sees the last attempt's steps."""
         env = dict(os.environ, MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                    WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank))
         # Ray narrows CUDA_VISIBLE_DEVICES to the GPU it gave this actor, which is then cuda:0.
@@ -114,7 +115,8 @@ class RankWorker:
                                set_threads=not on_gpu and not cfg.train.cpu_threads)
         receive, send = self.ctx.Pipe(duplex=False)
         with self.lock:
-            self.records, self.outcome = [], None
+            self.attempt, self.records, self.outcome = attempt, [], None
+            records = self.records  # this attempt's, even if a later one replaces self.records
             self.proc = self.ctx.Process(target=_train_process, name=f"keel-rank{self.rank}",
                                          args=(cfg, env, rank_env, send))
             self.proc.start()
@@ -130,7 +132,7 @@ class RankWorker:
                 break
             if kind == "step":
                 with self.lock:
-                    self.records.append(payload)
+                    records.append(payload)
             else:
                 last = (kind, payload)
         proc.join()
@@ -157,10 +159,11 @@ class RankWorker:
         """How the last training process ended (None while it runs): the supervisor's evidence of who died."""
         return self.outcome
 
-    def heartbeat(self, since: int = 0) -> list[dict]:
-        """Step records after step `since` (the supervisor asks for what it has not seen)."""
+    def heartbeat(self, attempt: int, since: int = 0) -> list[dict]:
+        """Attempt `attempt`'s step records after step `since` (the supervisor asks for what it has not
+        seen); none while that attempt has not started here."""
         with self.lock:
-            return [r for r in self.records if r["step"] > since]
+            return [r for r in self.records if r["step"] > since] if attempt == self.attempt else []
 
 
 class RankProcessDied(RuntimeError):
@@ -261,6 +264,7 @@ class WorkerGroup:
         self.workers: list = []
         self.where: list[dict] = []
         self.run_refs: list = []
+        self.attempt = -1
 
     def place(self, timeout_s: float) -> bool:
         """Reserve the group's resources; False if the cluster has no room within `timeout_s`."""
@@ -283,10 +287,12 @@ class WorkerGroup:
         self.where = ray.get([w.where.remote() for w in self.workers], timeout=300)
         self.actors_s = time.time() - t
 
-    def launch(self, cfg) -> None:
-        """Start an attempt: a training process per rank, meeting at a fresh port on rank 0's node."""
+    def launch(self, cfg, attempt: int) -> None:
+        """Start attempt number `attempt`: a training process per rank, meeting at a fresh port on rank 0's
+        node."""
         master_port = ray.get(self.workers[0].free_port.remote(), timeout=30)
-        self.run_refs = [w.run.remote(cfg, self.where[0]["ip"], master_port) for w in self.workers]
+        self.attempt = attempt
+        self.run_refs = [w.run.remote(cfg, self.where[0]["ip"], master_port, attempt) for w in self.workers]
 
     def stop_training(self, timeout_s: float = 10.0) -> bool:
         """Kill every rank's training process and wait for the attempt to end; False if some actor did not

@@ -109,7 +109,7 @@ class Supervisor:
                                    nodes=sorted({w["ip"] for w in group.where}))
                 attempt = Attempt(started=time.time())
                 self.attempts.append(attempt)
-                group.launch(self.cfg)
+                group.launch(self.cfg, len(self.attempts) - 1)
                 result = self.watch(group, attempt)
                 attempt.ended = time.time()
                 if result is not None:
@@ -205,7 +205,7 @@ class Supervisor:
             now = time.time()
             for rank, w in enumerate(group.workers):
                 if rank not in pending and rank not in done:
-                    pending[rank] = w.heartbeat.remote(seen[rank])
+                    pending[rank] = w.heartbeat.remote(group.attempt, seen[rank])
             ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
             for rank, ref in list(pending.items()):
                 if ref not in ready:
@@ -233,7 +233,8 @@ class Supervisor:
             if len(done) == n:
                 # rank 0's records after its last poll
                 try:
-                    attempt.steps.extend(ray.get(group.workers[0].heartbeat.remote(seen[0]), timeout=5))
+                    attempt.steps.extend(ray.get(group.workers[0].heartbeat.remote(group.attempt, seen[0]),
+                                                 timeout=5))
                 except Exception:  # noqa: BLE001
                     pass
                 return done[0]
