@@ -1,6 +1,7 @@
 """The training loop, top to bottom. It does not care how it was started (CLI, torchrun, a Ray actor)."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -162,6 +163,11 @@ def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], Non
     finally:
         if distributed:
             dist.destroy_process_group()
+        # The run's model, optimizer and autograd state sit in reference cycles; left to the collector at
+        # interpreter exit, freeing their tensors there can abort the process ("terminate called without
+        # an active exception", seen under torchrun with the chunked loss: pytorch/pytorch#179291). Free
+        # them now, while the interpreter is whole.
+        gc.collect()
 
 
 def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
