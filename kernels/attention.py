@@ -16,12 +16,12 @@ attend across documents.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .available import has_module, interpreting
 
 IMPLS = ("auto", "sdpa", "triton", "cuda", "flash_attn")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,12 +30,6 @@ TRITON_MAX_HEAD_DIM = 128
 CUDA_HEAD_DIMS = (32, 64, 128)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 def _dtype_name(dtype) -> str:
@@ -55,10 +49,10 @@ def check_attention_impl(impl: str, head_dim: int, dtype: torch.dtype, device_ty
     if impl in ("auto", "sdpa"):
         return
     if impl == "triton":
-        if not _has_module("triton"):
+        if not has_module("triton"):
             raise ValueError("attention impl 'triton' needs the triton package: pip install triton==3.9.0, "
                              "or set attention impl to 'sdpa'")
-        if device_type != "cuda" and not _interpreting():
+        if device_type != "cuda" and not interpreting():
             raise ValueError(f"attention impl 'triton' needs a CUDA device, got {device_type!r}; use impl "
                              "'sdpa' or 'auto' on CPU (TRITON_INTERPRET=1 runs it on CPU, slowly, for debugging)")
         if head_dim > TRITON_MAX_HEAD_DIM:
@@ -80,7 +74,7 @@ def check_attention_impl(impl: str, head_dim: int, dtype: torch.dtype, device_ty
             raise ValueError(f"attention impl 'cuda' cannot be built: {why}")
         return
     if impl == "flash_attn":
-        if not _has_module("flash_attn"):
+        if not has_module("flash_attn"):
             raise ValueError("attention impl 'flash_attn' needs the flash-attn package (pip install flash-attn "
                              "--no-build-isolation, CUDA only); or use 'triton'/'sdpa'")
         if device_type != "cuda":

@@ -28,11 +28,11 @@ Under autocast the inputs are cast to the autocast dtype first, as the output Li
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .available import has_module, interpreting, is_dtensor
 
 IMPLS = ("auto", "unfused", "chunked", "triton", "liger")
 IGNORE_INDEX = -100
@@ -46,23 +46,11 @@ IGNORE_INDEX = -100
 CHUNK_LOGITS_BYTES = 256 * 2**20
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 def _device_type(device) -> str:
     return torch.device(device).type if not isinstance(device, torch.device) else device.type
 
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
 
 
 def check_cross_entropy_impl(impl: str, device) -> None:
@@ -71,17 +59,17 @@ def check_cross_entropy_impl(impl: str, device) -> None:
         raise ValueError(f"unknown cross-entropy impl {impl!r}; choose one of {', '.join(IMPLS)}")
     device_type = _device_type(device)
     if impl == "triton":
-        if not _has_module("triton"):
+        if not has_module("triton"):
             raise ValueError("cross-entropy impl 'triton' needs the triton package: pip install triton==3.9.0, "
                              "or use impl 'chunked' (the same algorithm in PyTorch)")
-        if device_type != "cuda" and not _interpreting():
+        if device_type != "cuda" and not interpreting():
             raise ValueError(f"cross-entropy impl 'triton' needs a CUDA device, got {device_type!r}; use impl "
                              "'chunked' or 'auto' on CPU (TRITON_INTERPRET=1 runs it on CPU, slowly, for debugging)")
     elif impl == "liger":
         if device_type != "cuda":
             raise ValueError(f"cross-entropy impl 'liger' needs a CUDA device, got {device_type!r} (Liger-Kernel's "
                              "kernels fail under the Triton interpreter); use impl 'chunked' or 'auto' on CPU")
-        if not _has_module("liger_kernel"):
+        if not has_module("liger_kernel"):
             raise ValueError("cross-entropy impl 'liger' needs the liger-kernel package: pip install "
                              "liger-kernel==0.8.5, or use impl 'triton' / 'auto'")
 
@@ -91,7 +79,7 @@ def resolve_cross_entropy_impl(impl: str, device) -> str:
     check_cross_entropy_impl(impl, device)
     if impl != "auto":
         return impl
-    return "triton" if _device_type(device) == "cuda" and _has_module("triton") else "chunked"
+    return "triton" if _device_type(device) == "cuda" and has_module("triton") else "chunked"
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
@@ -110,7 +98,7 @@ def fused_linear_cross_entropy(hidden_ND: torch.Tensor, weight_VD: torch.Tensor,
     output layer's. z-loss adds z_loss * mean(logsumexp^2) (PaLM). `chunk_size`: tokens per chunk for
     chunked/triton (None: see CHUNK_LOGITS_BYTES); liger picks its own.
     """
-    if _is_dtensor(weight_VD) or _is_dtensor(hidden_ND):
+    if is_dtensor(weight_VD) or is_dtensor(hidden_ND):
         raise ValueError("fused_linear_cross_entropy needs the whole output weight on this rank, got a DTensor "
                          "(a tensor-parallel output layer); use the unfused loss with loss_parallel there")
     D = hidden_ND.shape[-1]

@@ -23,11 +23,11 @@ autocast a bf16 input with an fp32 gain gives fp32 there, bf16 here).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
+
+from .available import has_module, interpreting, is_dtensor
 
 OP_IMPLS = {
     "rmsnorm": ("auto", "torch", "triton", "cuda", "liger"),
@@ -76,13 +76,6 @@ def torch_rope(q_BHTd, k_BKTd, cos_Tf, sin_Tf):
 # ---------------------------------------------------------------------------------------------------
 # Checks: what each backend can run, said before any work starts.
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 def _next_pow2(n: int) -> int:
@@ -114,10 +107,10 @@ def check_op_impl(op: str, impl: str, device_type: str, *, dtype: torch.dtype = 
     if impl in ("auto", "torch"):
         return
     if impl == "triton":
-        if not _has_module("triton"):
+        if not has_module("triton"):
             raise ValueError(f"{op} impl 'triton' needs the triton package: pip install triton==3.9.0, or set it "
                              "to 'torch'")
-        if device_type != "cuda" and not _interpreting():
+        if device_type != "cuda" and not interpreting():
             raise ValueError(f"{op} impl 'triton' needs a CUDA device, got {device_type!r}; use 'torch' or 'auto' "
                              "on CPU (TRITON_INTERPRET=1 runs it on CPU, slowly, for debugging)")
         if op == "rmsnorm" and dim is not None and dim > TRITON_RMSNORM_MAX_DIM:
@@ -130,7 +123,7 @@ def check_op_impl(op: str, impl: str, device_type: str, *, dtype: torch.dtype = 
                              f"(64, 8, 128); use 'torch' (or tensor parallelism to split the heads)")
         return
     if impl == "liger":
-        if not _has_module("liger_kernel"):
+        if not has_module("liger_kernel"):
             raise ValueError(f"{op} impl 'liger' needs the liger-kernel package (pip install liger-kernel==0.8.5, "
                              "CUDA only); or use 'triton'/'torch'")
         if device_type != "cuda":
@@ -153,12 +146,6 @@ def _checked(op, impl, device_type, dtype, dim, n_heads, n_kv_heads) -> None:
     check_op_impl(op, impl, device_type, dtype=dtype, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    if type(t) is torch.Tensor or not torch.distributed.is_available():  # the common case: no import
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
-
 
 def resolve_op_impl(op: str, impl: str, x: torch.Tensor, *, dim: int | None = None, n_heads: int | None = None,
                     n_kv_heads: int | None = None) -> str:
@@ -166,8 +153,8 @@ def resolve_op_impl(op: str, impl: str, x: torch.Tensor, *, dim: int | None = No
     if impl == "torch":
         return "torch"
     if impl == "auto":
-        if (op not in GPU_VERIFIED or x.device.type != "cuda" or _is_dtensor(x) or torch.compiler.is_compiling()
-                or not _has_module("triton")):
+        if (op not in GPU_VERIFIED or x.device.type != "cuda" or is_dtensor(x) or torch.compiler.is_compiling()
+                or not has_module("triton")):
             return "torch"
         try:
             _checked(op, "triton", "cuda", x.dtype, dim, n_heads, n_kv_heads)
@@ -175,7 +162,7 @@ def resolve_op_impl(op: str, impl: str, x: torch.Tensor, *, dim: int | None = No
             return "torch"
         return "triton"
     _checked(op, impl, x.device.type, x.dtype, dim, n_heads, n_kv_heads)
-    if _is_dtensor(x):
+    if is_dtensor(x):
         raise TypeError(f"{op} impl {impl!r} runs on plain tensors, got a DTensor (tensor parallelism's sharded "
                         f"activations); use impl 'torch' or 'auto'")
     return impl

@@ -58,12 +58,18 @@ def check_capacity(plan: GroupPlan) -> None:
             raise LauncherError(f"the job asks for {need:g} {kind}s ({plan.world_size} workers x {per:g}) but the "
                                 f"cluster has {have:g}{hint}")
     if plan.nnodes > 1:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
         per_node = plan.bundles()[0]
-        fit = sum(all(n["Resources"].get(k, 0) >= v for k, v in per_node.items()) for n in nodes)
+        fit = nodes_that_fit(per_node)
         if fit < plan.nnodes:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
             raise LauncherError(f"the job asks for {plan.nnodes} nodes with {per_node} each, but only {fit} of the "
-                                f"cluster's {len(nodes)} nodes could hold that")
+                                f"cluster's {alive} nodes could hold that")
+
+
+def nodes_that_fit(bundle: dict) -> int:
+    """How many live nodes could each hold `bundle` (one node slot of the group) when empty."""
+    return sum(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items())
+               for n in ray.nodes() if n.get("Alive"))
 
 
 @ray.remote(max_concurrency=3)  # one thread waits on the training process, the others answer polls and stop()

@@ -25,7 +25,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 
 from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from .cluster import LauncherError
-from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity
+from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity, nodes_that_fit
 
 POLL_S = 0.2
 # On a multi-node cluster, how long an actor death may wait for its node to be declared dead.
@@ -170,10 +170,7 @@ class Supervisor:
     def shrink(self) -> bool:
         """Fit the run to the nodes that can hold a slot now, with fewer data-parallel replicas; False if
         no smaller layout works (then the run gives up as without elastic)."""
-        per_node = self.plan.bundles()[0]
-        fit = sum(all(n["Resources"].get(k, 0) >= v for k, v in per_node.items())
-                  for n in ray.nodes() if n.get("Alive"))
-        nnodes = min(fit, self.plan.nnodes - 1)
+        nnodes = min(nodes_that_fit(self.plan.bundles()[0]), self.plan.nnodes - 1)
         if nnodes < 1:
             return False
         try:
