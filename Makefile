@@ -18,7 +18,7 @@ $(VENV)/.installed-base: $(BIN)/python setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-base setup.py
-	$(PIP) install -e ".[test,triton,ray]"
+	$(PIP) install -e ".[test,triton]"
 	touch $@
 
 install: $(VENV)/.installed-base

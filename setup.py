@@ -50,6 +50,8 @@ setup(
         "tokenizers",
         "safetensors",
         "matplotlib",
+        # Every run is supervised on Ray, one process included (launcher/).
+        "ray[default]==2.60.0",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],

@@ -1,14 +1,15 @@
 """Claim: an asynchronous checkpoint blocks training for under 10% of the time a synchronous one takes,
-and saving runs near the disk's raw sequential write speed.
+and saving runs at >= 0.8x the disk's raw sequential write speed (keel save / dd, as throughputs).
 
 One process, a model of >= 100M parameters with its AdamW state (after one real training step), saved
 through keel's Checkpointer exactly as the training loop does (DCP shards + RNG + manifest with sha256
 checksums + atomic rename). Measured in one run, on one disk:
-  sync save      time for save() with checkpoint.async_save=false (write + checksum + commit)
+  sync save      time for save() with checkpoint.async_save=false (write, the writer's checksums, commit)
   async stall    time save() blocks with async_save=true (copy to CPU memory); the writing goes on behind
   async total    time until that async checkpoint is committed
   raw write      `dd if=/dev/zero bs=1M conv=fsync` of the same number of bytes, for MB/s comparison
-  load           choose + verify (checksums) + load into a fresh engine
+  restore        choose (presence, sizes, and every checksum re-read: one process does all the shares)
+                 + DCP load into a fresh engine
 Writes a CSV next to the printout.
 
     python benchmarks/checkpoint.py [--dim 768 --layers 12 --vocab 32000] [--repeats 3]
@@ -80,9 +81,9 @@ def main() -> None:
     rows = []
     try:
         for step in range(args.repeats + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sync.save(step, engine, {**trainer, "step": step})
-            sync_s = time.perf_counter() - t0
+            sync_s, sync_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             n_bytes = sum(p.stat().st_size for p in sync.last_committed.iterdir())
 
             t0 = time.perf_counter()
@@ -94,11 +95,11 @@ def main() -> None:
 
             fresh = LocalEngine(cfg_sync, torch.device("cpu"))
             loader = Checkpointer(cfg_sync, base / "sync", 0, 1, layout)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             path = loader.choose("auto")
             t_verify = time.perf_counter() - t0
             loader.restore(fresh, path)
-            load_s = time.perf_counter() - t0
+            load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - c0
             loader.close()
             assert all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(),
                                                          fresh.model.state_dict().values())), \
@@ -108,7 +109,7 @@ def main() -> None:
                   f"{async_total_s:.2f}s) | dd {raw_s:.2f}s | load {load_s:.2f}s (of which verify {t_verify:.2f}s)")
             rows.append({"repeat": label, "bytes": n_bytes, "sync_save_s": sync_s, "async_stall_s": stall_s,
                          "async_total_s": async_total_s, "raw_write_s": raw_s, "load_s": load_s,
-                         "verify_s": t_verify})
+                         "verify_s": t_verify, "sync_save_cpu_s": sync_cpu_s, "load_cpu_s": load_cpu_s})
             one_step(engine, cfg_sync)  # the next save holds different values, as in training
     finally:
         sync.close()
@@ -119,14 +120,18 @@ def main() -> None:
     mb = med["bytes"] / 1e6
     print(f"\nmodel {n_params / 1e6:.0f}M parameters + AdamW state = {mb:,.0f} MB per checkpoint "
           f"({mf.CHECKSUM} checksums), torch {torch.__version__}, median of {args.repeats}")
-    print(f"sync save        : {med['sync_save_s']:.2f} s  ({mb / med['sync_save_s']:,.0f} MB/s)")
-    print(f"raw write (dd)   : {med['raw_write_s']:.2f} s  ({mb / med['raw_write_s']:,.0f} MB/s)  "
-          f"-> save runs at {med['raw_write_s'] / med['sync_save_s']:.2f}x raw disk speed")
+    print(f"sync save        : {med['sync_save_s']:.2f} s  ({mb / med['sync_save_s']:,.0f} MB/s; "
+          f"{med['sync_save_cpu_s']:.2f} CPU-s, all threads: the figure to compare on a busy machine)")
+    print(f"raw write (dd)   : {med['raw_write_s']:.2f} s  ({mb / med['raw_write_s']:,.0f} MB/s)")
+    speed = med["raw_write_s"] / med["sync_save_s"]  # throughput ratio: same bytes, time inverted
+    print(f"save / dd        : {speed:.2f}  (keel save throughput over raw write; target >= 0.80: "
+          f"{'PASS' if speed >= 0.8 else 'FAIL'})")
     print(f"async stall      : {med['async_stall_s']:.3f} s  (committed after {med['async_total_s']:.2f} s; "
           f"first save of a run: {rows[0]['async_stall_s']:.2f} s while the stager allocates)")
     ratio = med["async_stall_s"] / med["sync_save_s"]
     print(f"stall / sync     : {ratio:.3f}  (target < 0.10: {'PASS' if ratio < 0.10 else 'FAIL'})")
-    print(f"load             : {med['load_s']:.2f} s  (verify {med['verify_s']:.2f} s + DCP load)")
+    print(f"restore          : {med['load_s']:.2f} s  (choose + verify {med['verify_s']:.2f} s, then DCP load; "
+          f"{med['load_cpu_s']:.2f} CPU-s)")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

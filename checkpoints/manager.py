@@ -3,15 +3,20 @@
 Every rank writes its own shards with torch.distributed.checkpoint (no gather to rank 0) into
 `step_XXXXXXX.tmp/`, plus its RNG state; rank 0 adds `trainer.json` (step, tokens, data position, the
 spike detector's state) and, once every shard is on disk, commits the folder (manifest.manifest.commit).
-An asynchronous save copies the state to CPU memory, returns to training, and writes and commits in the
-background; at most one save is in flight. Restoring picks the newest checkpoint that verifies and says
+Each rank checksums the files it wrote itself; rank 0 only merges the lists. An asynchronous save copies
+the state to CPU memory, returns to training, and writes and commits in the background; at most one save
+is in flight. A save that fails, on any rank and at any point, is reported (`checkpoint_failed`) and
+given up by every rank together; training goes on and the earlier checkpoints stay as they were.
+Restoring picks the newest checkpoint that verifies (every rank re-hashing a share of its files) and says
 which ones it skipped and why. The folders assume a filesystem every rank sees (as DCP does to reshard).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
+import re
 import shutil
 import time
 import warnings
@@ -26,6 +31,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from ..training.config import Config, ConfigError, config_to_dict
 from . import manifest as mf
+from . import rollbacks
+from .compat import changed_settings
 from .state import rng_state, set_rng_state
 
 TRAINER = "trainer.json"
@@ -54,6 +61,30 @@ def writer(folder: Path) -> FileSystemWriter:
 
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
+
+
+def own_files(names: list[str], rank: int) -> list[str]:
+    """The files of a checkpoint folder that `rank` wrote: its RNG state and its DCP shards, which
+    FileSystemWriter names __{rank}_{k}.distcp (rank in the checkpoint group, the global rank here)."""
+    shard = re.compile(rf"^__{rank}_\d+\.distcp$")
+    return [n for n in names if n == rng_file(rank) or shard.match(n)]
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """DCP stores each tensor with torch.save, whose zip container computes a CRC32 of every byte by
+    default; the manifest's sha256 already covers every byte, so the CRC only costs write time. Loading
+    does not need it. The setting is process-wide: the training thread saves nothing meanwhile."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 # Which kernel runs an op is not the architecture: a run saved with one may resume with another (and
@@ -92,6 +123,7 @@ class Checkpointer:
         # Checkpoint collectives run on their own gloo group: an async save's run in a background thread
         # while training's run on the default group, and they must not interleave on one communicator.
         self.pg = checkpoint_group() if self.distributed else None
+        self.group_rank = dist.get_rank(self.pg) if self.distributed else 0  # the rank DCP names shards by
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="keel-ckpt")
         # One stager for the whole run: it keeps its CPU copy of the state between saves, so only the
         # first async save pays for allocating (and page-faulting) that memory. Costs one state's worth
@@ -99,64 +131,111 @@ class Checkpointer:
         cuda = torch.cuda.is_available()
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                     use_async_staging=False, use_non_blocking_copy=cuda))
-        self._in_flight: concurrent.futures.Future | None = None
+        self._in_flight: tuple[int, concurrent.futures.Future] | None = None  # (step, its write)
         self.last_committed: Path | None = None
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict) -> float:
-        """Checkpoint the state after `step`. Returns how long training was blocked, in seconds."""
+        """Checkpoint the state after `step`. Returns how long training was blocked, in seconds. Never
+        raises for a failed save: it reports `checkpoint_failed` and the run goes on."""
         t0 = time.perf_counter()
         self.wait()  # at most one save in flight
         tmp = self.folder / (mf.folder_name(step) + ".tmp")
+        state, error = None, None
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier, interrupted attempt
-            tmp.mkdir(parents=True)
-        self._barrier()
-        torch.save(rng_state(), tmp / rng_file(self.rank))
-        if self.rank == 0:
-            mf.write_json_durably(tmp / TRAINER, trainer_state)
-        state = engine.state_dict()
-        if self.cfg.checkpoint.async_save:
-            # async_save returns once the state is copied to CPU memory; the writing happens behind.
-            written = dcp.async_save(state, storage_writer=writer(tmp), process_group=self.pg,
-                                     async_stager=self._stager, no_dist=not self.distributed)
-            self._in_flight = self._pool.submit(self._finish, step, tmp, written, t0)
-        else:
             try:
-                dcp.save(state, storage_writer=writer(tmp), process_group=self.pg, no_dist=not self.distributed)
-                self._finish(step, tmp, None, t0)
-            except Exception as e:  # noqa: BLE001 - see wait()
-                self.event("checkpoint_failed", step=step, error=f"{type(e).__name__}: {e}")
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = _error(e)
+        self._barrier()  # no rank writes into the folder before it exists
+        try:
+            if error is None:
+                state = engine.state_dict()
+                torch.save(rng_state(), tmp / rng_file(self.rank))
+                if self.rank == 0:
+                    mf.write_json_durably(tmp / TRAINER, trainer_state)
+                if self.cfg.checkpoint.async_save:
+                    # The copy to CPU memory: once it is done, training may change the live tensors.
+                    state = self._stager.stage(state)
+        except Exception as e:  # noqa: BLE001 - a full disk, out of host memory: the run must go on
+            error = _error(e)
+        # Every rank says how its local part went before any enters DCP's collectives: a rank that failed
+        # here would otherwise leave its peers waiting in DCP's planning until the group's timeout. All
+        # give the save up together instead, and the .tmp folder is left for retention to remove.
+        if errors := self._errors(self._gather(error)):
+            self._failed(step, errors)
+        elif self.cfg.checkpoint.async_save:
+            # Written in this Checkpointer's one background thread, as dcp.async_save would in its own.
+            self._in_flight = (step, self._pool.submit(self._write, step, tmp, state, t0, True))
+        else:
+            self._write(step, tmp, state, t0, False)
         return time.perf_counter() - t0
 
-    def _finish(self, step: int, tmp: Path, written, t0: float) -> None:
-        if written is not None:
-            written.result()
-        # DCP's save ends with rank 0 gathering every rank's write results, so once rank 0 is here all
-        # shards (and the RNG files written before them) are on disk.
-        self.before_commit(step)
+    def _write(self, step: int, tmp: Path, state: dict, t0: float, in_background: bool) -> None:
+        """Write the shards, checksum this rank's files, and (rank 0) commit once every rank succeeded.
+        Runs on every rank; its collectives are the same on all, whatever failed where."""
+        error, described = None, {}
+        try:
+            with _without_zip_crc32():
+                dcp.save(state, storage_writer=writer(tmp), process_group=self.pg, no_dist=not self.distributed)
+            # DCP's save ends with a collective after every rank's write, so every shard (and the RNG files
+            # and trainer.json, written before) is on disk now. Each rank hashes what it wrote, while the
+            # bytes are still in its page cache: rank 0 no longer reads the whole checkpoint back.
+            present = sorted(p.name for p in tmp.iterdir())
+            described = mf.describe(tmp, own_files(present, self.group_rank))
+            self.before_commit(step)
+        except Exception as e:  # noqa: BLE001 - DCP raises the same on every rank; the rest is local
+            error = _error(e)
+        results = self._gather((error, described))
+        errors = self._errors([err for err, _ in results])
         if self.rank != 0:
+            return
+        if errors:
+            self._failed(step, errors)
             return
         info = {"step": step, "tokens": step * self.cfg.train.global_batch_size * self.cfg.data.seq_len,
                 "world_size": self.world_size, "layout": self.layout, "model_fingerprint": model_fingerprint(self.cfg),
                 "config_hash": config_hash(self.cfg), "config": config_to_dict(self.cfg), "keel_version": _keel_version(),
                 "torch_version": torch.__version__, "created": time.time()}
-        final = mf.commit(tmp, info)
+        try:
+            final = mf.commit(tmp, info, {n: e for _, d in results for n, e in d.items()})
+        except Exception as e:  # noqa: BLE001 - e.g. no room left for the manifest
+            self._failed(step, [_error(e)])
+            return
         self.last_committed = final
         size = sum(p.stat().st_size for p in final.iterdir())
         self.event("checkpoint_saved", step=step, path=str(final), bytes=size,
-                   seconds=round(time.perf_counter() - t0, 3), async_save=written is not None)
+                   seconds=round(time.perf_counter() - t0, 3), async_save=in_background)
         self._retain()
 
+    def _failed(self, step: int, errors: list[str]) -> None:
+        if self.rank == 0:
+            self.event("checkpoint_failed", step=step, error="; ".join(errors),
+                       kept=str(self.last_committed) if self.last_committed else None)
+
+    def _gather(self, item) -> list:
+        """Every rank's `item`, in rank order, on every rank (over the checkpoint group)."""
+        if not self.distributed:
+            return [item]
+        items = [None] * self.world_size
+        dist.all_gather_object(items, item, group=self.pg)
+        return items
+
+    def _errors(self, errors: list[str | None]) -> list[str]:
+        """The errors of a gather, named by rank when there are several."""
+        return [f"rank {r}: {e}" if self.distributed else e for r, e in enumerate(errors) if e]
+
     def wait(self) -> None:
-        """Finish the save in flight, if any. A failed save is reported and training goes on: the
-        previous committed checkpoint is untouched, which is the point of the commit protocol."""
+        """Finish the save in flight, if any. _write reports its own failures; this is the last guard,
+        for anything that escaped it (any failure to write must not end the run)."""
         if self._in_flight is None:
             return
+        step, future = self._in_flight
         try:
-            self._in_flight.result()
-        except Exception as e:  # noqa: BLE001 - any failure to write must not end the run
-            self.event("checkpoint_failed", error=f"{type(e).__name__}: {e}")
+            future.result()
+        except Exception as e:  # noqa: BLE001
+            self.event("checkpoint_failed", step=step, error=_error(e))
         finally:
             self._in_flight = None
 
@@ -176,15 +255,34 @@ class Checkpointer:
         for e in found:
             if (e.committed and e.step not in keep) or (not e.committed and e.step < newest):
                 shutil.rmtree(e.path, ignore_errors=True)
+        rollbacks.remove_retired(self.folder)  # a commit after a rollback: its abandoned trajectory can go
 
     # -- restoring ---------------------------------------------------------------------------------
     def choose(self, resume: str, before: int | None = None) -> Path | None:
-        """The checkpoint to resume from (decided on rank 0, the same on every rank), or None. `before`:
-        only a checkpoint of an earlier step (a rollback to before a loss spike)."""
+        """The checkpoint to resume from (the same on every rank), or None. `before`: only a checkpoint of
+        an earlier step (a rollback to before a loss spike). Rank 0 picks the newest whose files are all
+        there at their sizes; then every rank re-hashes a share of its files, and a corrupted one is
+        skipped (and the next older one tried) on every rank alike."""
+        rejected: set[Path] = set()
+        while True:
+            path = self._choose_present(resume, before, rejected)
+            if path is None:
+                return None
+            bad = self._corrupted(path)
+            if not bad:
+                return path
+            if resume != "auto":
+                raise CheckpointError(f"checkpoint.resume={resume}: cannot resume from it: {'; '.join(bad)}")
+            if self.rank == 0:
+                self.event("checkpoint_skipped", path=str(path), reason="; ".join(bad))
+            rejected.add(path)
+
+    def _choose_present(self, resume: str, before: int | None, rejected: set[Path]) -> Path | None:
+        """Rank 0's pick among the checkpoints not yet rejected, checking presence and sizes only."""
         path, error = None, None
         if self.rank == 0 and resume != "never":
             try:
-                path = self._pick(resume, before)
+                path = self._pick(resume, before, rejected)
             except CheckpointError as e:
                 error = str(e)
         if self.distributed:
@@ -196,6 +294,16 @@ class Checkpointer:
             raise CheckpointError(error)
         return path
 
+    def _corrupted(self, path: Path) -> list[str]:
+        """Every rank checksums its share of the files of `path`; all learn every rank's findings."""
+        try:
+            files = mf.read_manifest(path)["files"]
+            ranks = self.world_size if self.distributed else 1
+            found = mf.corrupted(path, mf.share(files, self.group_rank, ranks))
+        except Exception as e:  # noqa: BLE001 - a rank that cannot check must still join the gather below
+            found = [f"rank {self.rank} could not check it ({_error(e)})"]
+        return sorted(p for part in self._gather(found) for p in part)
+
     def set_aside(self) -> Path | None:
         """Starting afresh (--resume never) where checkpoints exist: move them out of the way, so the
         new run's retention and resumes never mix with them. Nothing is deleted. Rank 0 only."""
@@ -206,16 +314,16 @@ class Checkpointer:
         self.event("checkpoints_set_aside", path=str(aside), reason="checkpoint.resume=never")
         return aside
 
-    def _pick(self, resume: str, before: int | None) -> Path | None:
+    def _pick(self, resume: str, before: int | None, rejected: set[Path] = frozenset()) -> Path | None:
         if resume != "auto":
             path = Path(resume)
-            if problems := mf.problems(path):
+            if problems := mf.problems(path, deep=False):
                 raise CheckpointError(f"checkpoint.resume={resume}: cannot resume from it: {'; '.join(problems)}")
             return path
         for e in reversed(mf.entries(self.folder)):
-            if before is not None and e.step >= before:
+            if (before is not None and e.step >= before) or e.path in rejected:
                 continue
-            if problems := mf.problems(e.path):
+            if problems := mf.problems(e.path, deep=False):
                 self.event("checkpoint_skipped", path=str(e.path), reason="; ".join(problems))
                 continue
             return e.path
@@ -232,6 +340,7 @@ class Checkpointer:
                              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
             raise ConfigError(f"checkpoint {path} holds a different model ({diff}); use its model settings, "
                               f"or start afresh with --resume never or another train.name")
+        self._check_settings(path, manifest["config"])
         state = engine.state_dict()
         dcp.load(state, checkpoint_id=path, process_group=self.pg, no_dist=not self.distributed)
         engine.load_state_dict(state)
@@ -243,6 +352,18 @@ class Checkpointer:
                        f"{self.world_size}: random streams restart from the seed")
         self.last_committed = path
         return json.loads((path / TRAINER).read_text())
+
+    def _check_settings(self, path: Path, saved: dict) -> None:
+        """Refuse to resume with other data-order or optimizer settings unless the user accepted them."""
+        changed = changed_settings(saved, config_to_dict(self.cfg))
+        if not changed:
+            return
+        diff = ", ".join(f"{k}: {before} -> {now}" for k, before, now in changed)
+        if not self.cfg.checkpoint.resume_changed:
+            raise ConfigError(f"checkpoint {path} was saved with other data or optimizer settings ({diff}); to "
+                              f"resume with them anyway pass --resume-changed (or --set checkpoint.resume_changed="
+                              f"true), or start afresh with --resume never or another train.name")
+        self.event("resume_changed", path=str(path), changed=diff, keys=[k for k, _, _ in changed])
 
     def _barrier(self) -> None:
         if self.distributed:

@@ -4,9 +4,14 @@ A checkpoint is written to `step_XXXXXXX.tmp/`; when every shard is on disk, `ma
 with sizes and checksums, step, layout, versions) is written into it and the folder is renamed to
 `step_XXXXXXX/` in one step. Only a renamed folder whose manifest reads and whose files match it is
 ever loaded, so a save interrupted at any point leaves the earlier checkpoints as they were.
+
+Checksums are computed by the rank that wrote each file, right after writing it (while it is still in the
+page cache), and checked at resume by all ranks, each re-reading its share: no single rank ever reads a
+whole checkpoint back.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -19,6 +24,8 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 NAME = re.compile(r"^step_(\d{7,})(\.tmp)?$")
 CHECKSUM = "sha256"
+# Files hashed at once: sha256 releases the GIL, so the writer's several shard files hash side by side.
+HASH_THREADS = 4
 
 
 def folder_name(step: int) -> str:
@@ -48,10 +55,23 @@ def write_json_durably(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def commit(tmp: Path, info: dict) -> Path:
-    """Checksum every file in `tmp`, write the manifest, and rename the folder to its final name."""
-    files = [{"name": p.name, "bytes": p.stat().st_size, CHECKSUM: checksum(p)}
-             for p in sorted(tmp.iterdir()) if p.is_file()]
+def describe(folder: Path, names: list[str]) -> dict[str, dict]:
+    """{name: manifest entry} for the files `names` of `folder`, hashed in parallel."""
+    def entry(name: str) -> dict:
+        f = Path(folder) / name
+        return {"name": name, "bytes": f.stat().st_size, CHECKSUM: checksum(f)}
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(HASH_THREADS, len(names)))) as pool:
+        return {e["name"]: e for e in pool.map(entry, names)}
+
+
+def commit(tmp: Path, info: dict, described: dict[str, dict] | None = None) -> Path:
+    """Write the manifest of `tmp` and rename the folder to its final name. `described`: the entries the
+    writing ranks already hashed; any other file found in the folder is hashed here."""
+    described = dict(described or {})
+    present = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    described.update(describe(tmp, [n for n in present if n not in described]))
+    files = [described[n] for n in present]
     write_json_durably(tmp / MANIFEST, {"format": FORMAT, **info, "files": files})
     fsync_dir(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
@@ -75,7 +95,7 @@ def read_manifest(path: Path) -> dict:
 
 def problems(path: Path, deep: bool = True) -> list[str]:
     """Why the checkpoint at `path` must not be loaded; empty when it is sound. `deep` re-reads every
-    byte against its checksum; otherwise only presence and sizes are checked."""
+    byte against its checksum; otherwise only presence and sizes are checked (`corrupted` checks a share)."""
     path = Path(path)
     if not path.is_dir():
         return [f"{path} is not a checkpoint folder"]
@@ -88,7 +108,7 @@ def problems(path: Path, deep: bool = True) -> list[str]:
         return [f"no {MANIFEST}: not a committed keel checkpoint"]
     except (ValueError, KeyError) as e:
         return [f"{MANIFEST} is unreadable ({e})"]
-    found = []
+    found, intact = [], []
     for entry in files:
         f = path / entry["name"]
         if not f.is_file():
@@ -96,9 +116,30 @@ def problems(path: Path, deep: bool = True) -> list[str]:
         elif f.stat().st_size != entry["bytes"]:
             found.append(f"{entry['name']} has {f.stat().st_size:,} bytes, the manifest says {entry['bytes']:,} "
                          f"(truncated or overwritten)")
-        elif deep and checksum(f) != entry[CHECKSUM]:
-            found.append(f"{entry['name']} fails its {CHECKSUM} checksum (corrupted)")
-    return found
+        else:
+            intact.append(entry)
+    return found + (corrupted(path, intact) if deep else [])
+
+
+def corrupted(path: Path, files: list[dict]) -> list[str]:
+    """Which of the manifest entries `files` fail their checksum (or can no longer be read)."""
+    def check(entry: dict) -> str | None:
+        try:
+            if checksum(Path(path) / entry["name"]) == entry[CHECKSUM]:
+                return None
+            return f"{entry['name']} fails its {CHECKSUM} checksum (corrupted)"
+        except OSError as e:
+            return f"{entry['name']} cannot be read ({e})"
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(HASH_THREADS, len(files)))) as pool:
+        return [p for p in pool.map(check, files) if p]
+
+
+def share(files: list[dict], rank: int, world_size: int) -> list[dict]:
+    """This rank's part of the checksum work: biggest files first, dealt round-robin, so the ranks read
+    about as many bytes each."""
+    ordered = sorted(files, key=lambda e: (-e["bytes"], e["name"]))
+    return ordered[rank::world_size]
 
 
 @dataclass

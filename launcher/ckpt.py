@@ -49,10 +49,11 @@ def cmd_verify(args) -> None:
     # A checkpoint folder is checked alone; a run folder has each of its checkpoints checked.
     targets = [path] if mf.NAME.match(path.name) else [e.path for e in mf.entries(_folder(path))] or [path]
     bad = 0
+    checked = "size and checksum" if args.deep else "size (--deep to re-read the checksums)"
     for target in targets:
-        problems = mf.problems(target)
+        problems = mf.problems(target, deep=args.deep)
         bad += bool(problems)
-        print(f"{target}: " + ("ok (every file matches its size and checksum)" if not problems
+        print(f"{target}: " + (f"ok (every file matches its {checked})" if not problems
                                else "BAD: " + "; ".join(problems)))
     raise SystemExit(1 if bad else 0)
 
@@ -77,6 +78,8 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ls)
     p = ckpt.add_parser("verify", help="check every file of a checkpoint against its manifest; exit 1 if bad")
     p.add_argument("path", help="a checkpoint folder (…/checkpoints/step_0000100), or a run folder for all")
+    p.add_argument("--deep", action="store_true",
+                   help="re-read every byte against its sha256 checksum (default: presence and sizes, instant)")
     p.set_defaults(func=cmd_verify)
     p = ckpt.add_parser("export", help="consolidated weights for inference")
     p.add_argument("path", help="a committed checkpoint folder")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..training.run import add_train_args, guarded, train_from_file
@@ -11,27 +10,24 @@ from ..training.run import add_train_args, guarded, train_from_file
 def cmd_train(args) -> None:
     if args.resume is not None:
         args.overrides.append(f"checkpoint.resume={args.resume}")
-    launcher = args.launcher
-    if launcher == "auto":
-        # One process needs no cluster; several, or a cluster address, go through Ray.
-        from ..training.config import load_config
-        from .raylaunch import world_size_of
-
-        world = world_size_of(load_config(args.config, args.overrides), args.nproc_per_node, args.nnodes)
-        launcher = "ray" if world > 1 or args.address or os.environ.get("RAY_ADDRESS") else "inline"
-    if launcher == "torchrun":
+    if args.resume_changed:
+        args.overrides.append("checkpoint.resume_changed=true")
+    if args.launcher == "torchrun":
         from .local import run_torchrun
 
         raise SystemExit(run_torchrun(args.config, args.overrides, args.nproc_per_node or 1))
-    if launcher == "ray":
-        from .raylaunch import train_on_ray
-
-        train_on_ray(args.config, args.overrides, args.nproc_per_node, args.nnodes, args.address,
-                     args.cpus_per_worker, args.gpus_per_worker)
+    if args.launcher == "inline":
+        if (args.nproc_per_node or 1) > 1:
+            raise SystemExit("keel: error: --launcher inline runs one process; use ray or torchrun for more")
+        print("keel: --launcher inline: training in this process with no supervisor; a crash or a hang ends the "
+              "run (resume it with the same command)", file=sys.stderr, flush=True)
+        train_from_file(args.config, args.overrides)
         return
-    if (args.nproc_per_node or 1) > 1:
-        raise SystemExit("keel: error: --launcher inline runs one process; use ray or torchrun for more")
-    train_from_file(args.config, args.overrides)
+    # Every run is supervised, one process included: a crash, a hang or a lost node restarts it.
+    from .raylaunch import train_on_ray
+
+    train_on_ray(args.config, args.overrides, args.nproc_per_node, args.nnodes, args.address,
+                 args.cpus_per_worker, args.gpus_per_worker)
 
 
 def cmd_submit(args) -> None:
@@ -44,6 +40,8 @@ def cmd_submit(args) -> None:
         extra += ["--nnodes", str(args.nnodes)]
     if args.resume:
         extra += ["--resume", args.resume]
+    if args.resume_changed:
+        extra += ["--resume-changed"]
     job_id = submit(args.config, args.overrides, args.address, extra, args.working_dir, args.python,
                     args.nproc_per_node, args.nnodes)
     print(job_id)
@@ -106,18 +104,23 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="auto|never|PATH",
                    help="resume from the newest committed checkpoint of the run (auto, the default), start "
                         "afresh (never), or from a checkpoint folder (PATH); same as --set checkpoint.resume=...")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume although the config changed the data order or the optimisation (batch, sequence "
+                        "length, data, schedule, seed...); same as --set checkpoint.resume_changed=true")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; `command` (the first word of the command line) spares loading the heavy ones."""
     parser = argparse.ArgumentParser(prog="keel", description="Distributed LLM training that finishes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model in the foreground")
     add_train_args(p)
     add_layout_args(p)
-    p.add_argument("--launcher", choices=["auto", "ray", "torchrun", "inline"], default="auto",
-                   help="auto (default): one process in this one, several (or --address) on Ray with "
-                        "supervision and restart; torchrun: plain torchrun, no supervision (Slurm, debugging)")
+    p.add_argument("--launcher", choices=["ray", "torchrun", "inline"], default="ray",
+                   help="ray (default): every rank, one included, under the supervisor on an embedded Ray (or the "
+                        "cluster at --address), restarted on a crash, a hang or a lost node; torchrun: plain "
+                        "torchrun (Slurm); inline: one process in this one, no supervision (debugging)")
     p.add_argument("--address", help="Ray cluster to run on (HOST:PORT of the head, or RAY_ADDRESS); "
                                      "default: an embedded Ray on this machine")
     p.add_argument("--cpus-per-worker", type=float, metavar="N",
@@ -162,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of devices the layout runs on (parallel degrees of -1 fill the rest)")
     p.set_defaults(func=cmd_estimate)
 
-    from ..kernels.bench import add_bench_parser
     from .ckpt import add_ckpt_parser
     from .spikes import add_spikes_parser
 
-    add_bench_parser(sub)
+    if command == "bench":
+        from ..kernels.bench import add_bench_parser  # torch and the kernels: only when benchmarking
+
+        add_bench_parser(sub)
+    else:
+        sub.add_parser("bench", help="benchmark kernels per op, or whole training steps (keel bench --help)")
     add_ckpt_parser(sub)
     add_spikes_parser(sub)
 
@@ -183,10 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages keel can run without, and what installs each (setup.py's extras; ray is a requirement, but an
+# environment can still lack it).
+EXTRAS = {"ray": "keel[ray]", "deepspeed": "keel[deepspeed]", "megatron": "keel[megatron]",
+          "triton": "keel[triton]", "transformers": "transformers"}
+
+
 def main(argv: list[str] | None = None) -> None:
     from .cluster import LauncherError
 
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((w for w in words if not w.startswith("-")), None)).parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
         guarded(lambda: args.func(args), debug)
@@ -194,6 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"keel: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if debug or extra is None:
+            raise
+        print(f"keel: error: this needs {e.name}, which is not installed here; install it with "
+              f"pip install '{extra}' (or `make install`)", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("keel: interrupted", file=sys.stderr)

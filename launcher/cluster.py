@@ -26,6 +26,7 @@ class Connection:
     embedded: bool
     owned: bool = True     # False when the caller had already connected (a test, a notebook)
     temp_dir: str | None = None  # the embedded instance's session files, removed with it
+    dashboard_url: str | None = None  # http://HOST:PORT when the cluster has a dashboard listening
 
     def close(self) -> None:
         """Disconnect (and stop the embedded instance); a connection someone else made is left alone."""
@@ -94,20 +95,29 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    def http(url: str | None) -> str | None:  # Ray reports the dashboard as HOST:PORT, "" when there is none
+        return (url if "://" in url else f"http://{url}") if url else None
+
     if ray.is_initialized():  # a caller (a test, a notebook) already connected: use that cluster
-        return Connection(address, embedded=False, owned=False)
+        try:  # the URL its head registered in the GCS (a private Ray API: the caller holds ray.init's answer)
+            from ray._private.services import get_webui_url_from_internal_kv
+
+            dashboard_url = http(get_webui_url_from_internal_kv())
+        except Exception:  # noqa: BLE001 - a Ray client connection or a changed internal API: no URL to show
+            dashboard_url = None
+        return Connection(address, embedded=False, owned=False, dashboard_url=dashboard_url)
     quiet = {"log_to_driver": True, "logging_level": "warning"}
     if address:
         check_reachable(address)
         use_token_if_available()
         try:
-            ray.init(address=address, **quiet)
+            context = ray.init(address=address, **quiet)
         except ray.exceptions.AuthenticationError as e:
             raise LauncherError(f"the Ray cluster at {address} refused this client's token: "
                                 f"{str(e).splitlines()[0]}") from None
         except (ConnectionError, RuntimeError) as e:
             raise LauncherError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-        return Connection(address, embedded=False)
+        return Connection(address, embedded=False, dashboard_url=http(context.dashboard_url))
 
     # A private token for a private cluster: nothing is written to ~/.ray, and it dies with us.
     if "RAY_AUTH_MODE" not in os.environ:
@@ -115,22 +125,19 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if os.environ["RAY_AUTH_MODE"] == "token" and not token_available():
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     _refresh_ray_config()
-    if num_gpus is None:
-        num_gpus = local_gpu_count()
+    # num_gpus None: Ray counts this machine's GPUs itself, without the driver importing torch.
     own_temp = not os.environ.get("KEEL_RAY_TMPDIR")
     temp_dir = os.environ.get("KEEL_RAY_TMPDIR") or tempfile.mkdtemp(prefix="keel-ray-")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _temp_dir=temp_dir, _system_config=system_config or None, **quiet)
-    return Connection(None, embedded=True, temp_dir=temp_dir if own_temp else None)
-
-
-def local_gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable CUDA means no GPUs to offer
-        return 0
+    # No dashboard UI (so nothing on :8265, and dashboard_url is None). Measured on 2 cores, Ray 2.60, 3 runs
+    # each: the UI (include_dashboard=True, dashboard_host="127.0.0.1") added 1.5 CPU-seconds to ray.init
+    # (5.9 against 4.4, summed over Ray's processes; +0.6 s and +2.7 s wall in the two pairs timed before the
+    # machine got busy), 11 processes (21 against 10) and ~145 MB of unique memory (~600 against ~450 MB):
+    # over our 1 s budget for it.
+    context = ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+                       _node_ip_address="127.0.0.1", _temp_dir=temp_dir, _system_config=system_config or None,
+                       **quiet)
+    return Connection(None, embedded=True, temp_dir=temp_dir if own_temp else None,
+                      dashboard_url=http(context.dashboard_url))
 
 
 def job_client(address: str | None):

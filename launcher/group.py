@@ -105,8 +105,11 @@ class RankWorker:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
+        # Free on the address rank 0's store will bind (MASTER_ADDR = this node's address, as where()
+        # reports it; 127.0.0.1 for the embedded Ray), and no wider, not even for a moment.
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+            s.bind((ip, 0))
             return s.getsockname()[1]
 
     def run(self, cfg, master_addr: str, master_port: int, attempt: int) -> dict:
@@ -136,7 +139,7 @@ class RankWorker:
             except Exception as e:  # noqa: BLE001 - a message cut short by the kill that ended the child
                 last = e
                 break
-            if kind == "step":
+            if kind == "beat":
                 with self.lock:
                     records.append(payload)
             else:
@@ -161,15 +164,27 @@ class RankWorker:
             proc.join(timeout_s)
         return proc is None or not proc.is_alive()
 
+    def process_state(self) -> str | None:
+        """The training process's state letter from /proc (R running, S sleeping, T stopped, ...), None
+        when there is none: tells a frozen rank (SIGSTOP, a debugger) from the peers waiting on it."""
+        proc = self.proc
+        if proc is None or proc.pid is None:
+            return None
+        try:  # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces
+            return open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+
     def status(self) -> dict | None:
         """How the last training process ended (None while it runs): the supervisor's evidence of who died."""
         return self.outcome
 
-    def heartbeat(self, attempt: int, since: int = 0) -> list[dict]:
-        """Attempt `attempt`'s step records after step `since` (the supervisor asks for what it has not
-        seen); none while that attempt has not started here."""
+    def heartbeat(self, attempt: int, seen: int = 0) -> list[dict]:
+        """Attempt `attempt`'s beats after the first `seen` (the supervisor asks for what it has not seen);
+        none while that attempt has not started here. Counted by arrival, not by step number: after a
+        loss-spike rollback the loop steps backwards, and its replayed steps are progress too."""
         with self.lock:
-            return [r for r in self.records if r["step"] > since] if attempt == self.attempt else []
+            return self.records[seen:] if attempt == self.attempt else []
 
 
 class RankProcessDied(RuntimeError):
@@ -188,6 +203,10 @@ class RankProcessDied(RuntimeError):
 
 # How a collective fails when a peer has died or stopped: the echo of another rank's failure.
 ECHOES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport", "NCCL")
+
+# What a training process's beats carry to the supervisor: a step's numbers, or a phase (eval, save,
+# restore) starting or ending with its duration (training/loop.py `Beats`).
+BEAT_FIELDS = ("phase", "step", "loss", "step_s", "tokens_per_s", "tokens", "seconds")
 
 # What the forkserver imports once per actor; every training process forked from it starts warm. Ray is
 # among them because a child re-runs the actor's __main__ (Ray's worker script, which imports ray) and
@@ -217,19 +236,19 @@ def _train_process(cfg, env: dict, args: RankEnvArgs, send) -> None:
         torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
 
     def beat(record: dict) -> None:
-        send.send(("step", {"time": time.time(), **{k: record[k] for k in
-                            ("step", "loss", "step_s", "tokens_per_s", "tokens") if k in record}}))
+        send.send(("beat", {"time": time.time(), **{k: record[k] for k in BEAT_FIELDS if k in record}}))
 
     try:
-        summary = train(cfg, RankEnv(args.rank, args.device_index, args.world_size), on_step=beat)
+        summary = train(cfg, RankEnv(args.rank, args.device_index, args.world_size), on_beat=beat)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the actor, which re-raises it
-        from ..training.run import USER_ERRORS
+        from ..training.run import user_errors
 
-        traceback.print_exc()
-        text = str(e).strip()
-        facts = {"time": time.time(), "user_error": isinstance(e, USER_ERRORS),
+        text, user_error = str(e).strip(), isinstance(e, user_errors())
+        if not user_error:  # a user error is one line, said by the driver; anything else needs its traceback
+            traceback.print_exc()
+        facts = {"time": time.time(), "user_error": user_error,
                  "echo": isinstance(e, torch.distributed.DistError) or any(s in text for s in ECHOES),
-                 "detail": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+                 "detail": text if user_error else f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
         try:
             send.send(("error", (e, facts)))
         except Exception:  # noqa: BLE001 - an exception that does not pickle still reports its text

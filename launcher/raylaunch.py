@@ -58,15 +58,19 @@ def train_on_ray(config: str | None, overrides: list[str], nproc_per_node: int |
             wants_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and resources.get("GPU", 0) > 0)
             gpus_per_worker = 1.0 if wants_gpu else 0.0
         if cpus_per_worker is None:
-            # The embedded instance is one machine: share its cores out rather than queue ranks.
+            # The embedded instance is one machine: share all of its cores out among the ranks (a lone
+            # rank gets every core, as it would inline) rather than queue ranks or leave cores idle.
             cpus = resources.get("CPU", 1.0)
-            cpus_per_worker = min(1.0, cpus / per_node) if conn.embedded else 1.0
+            cpus_per_worker = cpus / per_node if conn.embedded else 1.0
         plan = GroupPlan(nnodes, per_node, cpus_per_worker, gpus_per_worker)
         env_vars = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]} \
             if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ else None
-        where = "embedded local Ray" if conn.embedded else f"Ray cluster {address or os.environ.get('RAY_ADDRESS', '')}"
-        print(f"keel: {world} workers on {where} ({nnodes} node(s) x {per_node}; {cpus_per_worker:g} CPU, "
-              f"{gpus_per_worker:g} GPU each)", file=sys.stderr, flush=True)
+        where = "embedded local Ray" if conn.embedded else \
+            f"Ray cluster {address or os.environ.get('RAY_ADDRESS') or '(connected already)'}"
+        dashboard = f"; Ray dashboard {conn.dashboard_url}" if conn.dashboard_url else ""
+        print(f"keel: {world} worker{'s' if world > 1 else ''} on {where} ({nnodes} node(s) x {per_node}; "
+              f"{cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU each), supervised{dashboard}",
+              file=sys.stderr, flush=True)
         sup = Supervisor(cfg, plan, os.getcwd(), env_vars)
         out = sup.run()
         s = out["summary"]

@@ -4,7 +4,8 @@ Failures it tells apart (the `cause` in events.jsonl):
   process_died  a rank's training process, or its actor, ended without an exception (SIGKILL, the OOM
                 killer, a crash in native code)
   node_lost     the node under a rank is gone (Ray marks it dead, or the rank stops answering there)
-  hang          some rank made no step for fault.hang_timeout_s (a stuck collective, a deadlock)
+  hang          some rank made no progress for longer than the run's steps and phases justify
+                (a stuck collective, a deadlock, a frozen process; launcher/hang.py)
   error         a rank raised an exception
 A restart kills every rank's training process and starts new ones in the same actors (warm: nothing is
 imported again); a lost node or a dead actor instead gets a new group, waiting up to
@@ -26,8 +27,11 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from .cluster import LauncherError
 from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity, nodes_that_fit
+from .hang import HangClock
 
 POLL_S = 0.2
+# How long blame waits for the cause when every failure seen so far is the echo of another rank's.
+ECHO_WAIT_S = 10.0
 # On a multi-node cluster, how long an actor death may wait for its node to be declared dead.
 NODE_DEATH_GRACE_S = 3.0
 CAUSES = ("process_died", "node_lost", "hang", "error")
@@ -90,6 +94,7 @@ class Supervisor:
         self.run_dir = Path(cwd) / cfg.train.output_dir / cfg.train.name
         self.log = EventLog(self.run_dir / "events.jsonl")
         self.attempts: list[Attempt] = []
+        self.clock: HangClock | None = None  # the hang clock of the newest attempt
 
     # -- the restart loop ------------------------------------------------------------------------
     def run(self) -> dict:
@@ -98,7 +103,7 @@ class Supervisor:
         t0 = time.time()
         self.log.write("launch", world_size=self.plan.world_size, nnodes=self.plan.nnodes,
                        nproc_per_node=self.plan.nproc_per_node, max_restarts=fault.max_restarts,
-                       hang_timeout_s=fault.hang_timeout_s)
+                       hang_timeout_s=fault.hang_timeout_s if fault.hang_timeout_s is not None else "adaptive")
         restarts, group = 0, None
         try:
             while True:
@@ -122,7 +127,7 @@ class Supervisor:
                 if not failure.retryable:
                     self.log.write("gave_up", reason="not_retryable", detail=failure.detail)
                     self.finish(t0, None)
-                    raise RunFailed(f"rank {failure.rank}: {failure.detail} (not retried: a restart would repeat it)")
+                    raise RunFailed(f"{failure.detail} (not retried: a restart would repeat it)")
                 if restarts >= fault.max_restarts:
                     self.log.write("gave_up", reason="max_restarts", restarts=restarts)
                     self.finish(t0, None)
@@ -193,13 +198,20 @@ class Supervisor:
     def watch(self, group: WorkerGroup, attempt: Attempt) -> dict | None:
         """Until the group finishes (rank 0's summary) or fails (attempt.failure is set, None returned)."""
         n = len(group.workers)
-        seen = [0] * n
-        progress = [attempt.started] * n    # driver clock of each rank's last new step
+        seen = [0] * n                        # beats received from each rank in this attempt
+        clock = self.clock = HangClock.for_run(self.cfg.fault, attempt.started, n, history=self.clock)
         pending: dict[int, object] = {}       # rank -> heartbeat ref in flight
         done: dict[int, dict] = {}
-        hang_s, start_s = self.cfg.fault.hang_timeout_s, self.cfg.fault.startup_timeout_s
-        while True:
+
+        def take(rank: int, beats: list[dict]) -> None:
+            seen[rank] += len(beats)
             now = time.time()
+            for beat in beats:
+                clock.observe(rank, beat, now)
+            if rank == 0:
+                attempt.steps.extend(b for b in beats if b.get("phase", "step") == "step")
+
+        while True:
             for rank, w in enumerate(group.workers):
                 if rank not in pending and rank not in done:
                     pending[rank] = w.heartbeat.remote(group.attempt, seen[rank])
@@ -209,14 +221,9 @@ class Supervisor:
                     continue
                 del pending[rank]
                 try:
-                    records = ray.get(ref, timeout=5)
+                    take(rank, ray.get(ref, timeout=5))
                 except (RayActorError, GetTimeoutError):
                     continue  # the run ref tells the story
-                if records:
-                    seen[rank] = records[-1]["step"]
-                    progress[rank] = time.time()
-                    if rank == 0:
-                        attempt.steps.extend(records)
             finished, _ = ray.wait(group.run_refs, num_returns=len(group.run_refs), timeout=0)
             for ref in finished:
                 rank = group.run_refs.index(ref)
@@ -225,23 +232,30 @@ class Supervisor:
                 try:
                     done[rank] = ray.get(ref, timeout=5)
                 except Exception as e:  # noqa: BLE001 - any way a rank ends badly is a failure
-                    attempt.failure = self.classify(group, rank, e, max(seen))
+                    attempt.failure = self.classify(group, rank, e, clock.newest_step)
                     return None
             if len(done) == n:
                 # rank 0's records after its last poll
                 try:
-                    attempt.steps.extend(ray.get(group.workers[0].heartbeat.remote(group.attempt, seen[0]),
-                                                 timeout=5))
+                    take(0, ray.get(group.workers[0].heartbeat.remote(group.attempt, seen[0]), timeout=5))
                 except Exception:  # noqa: BLE001
                     pass
                 return done[0]
             now = time.time()
-            stalled = [r for r in range(n) if r not in done and now - progress[r] > (hang_s if seen[r] else start_s)]
-            if stalled:
-                rank = stalled[0]
-                limit = f"fault.hang_timeout_s={hang_s:g}" if seen[rank] else f"fault.startup_timeout_s={start_s:g}"
-                attempt.failure = Failure("hang", f"no step for {now - progress[rank]:.1f}s after step {seen[rank]} "
-                                          f"({limit})", rank, now, max(seen))
+            if stalled := clock.stalled(now, set(done)):
+                rank, silent, how = stalled
+                c = clock.clocks[rank]
+                where = f"in {c.phase} " if c.phase else ""
+                detail = f"no progress {where}for {silent:.1f}s after step {c.step} ({how})"
+                # Its peers wait on a frozen rank in their collectives and fall silent with it: name the one
+                # whose process is stopped, when one is.
+                frozen = self._frozen(group)
+                if frozen is not None:
+                    rank, detail = frozen, f"rank {frozen}'s training process is stopped (SIGSTOP?); " + detail
+                elif len(silent := clock.silent(now, set(done))) > 1:
+                    # A rank stuck in Python or a collective looks like the peers waiting on it: say so.
+                    detail += f"; ranks {', '.join(map(str, silent))} all silent since that step"
+                attempt.failure = Failure("hang", detail, rank, now, clock.newest_step)
                 return None
 
     def classify(self, group: WorkerGroup, rank: int, error: Exception, last_step: int) -> Failure:
@@ -300,13 +314,19 @@ class Supervisor:
         closed by peer"), and those errors can reach the supervisor first. So wait a moment for every rank
         to tell how its process ended, then blame a process that died without an exception, else the
         first exception that is not such an echo, else the first exception."""
-        deadline = time.time() + wait_s
+        start = time.time()
         while True:
             try:
                 outcomes = ray.get([w.status.remote() for w in group.workers], timeout=wait_s)
             except Exception:  # noqa: BLE001 - an actor that cannot answer is judged by the caller
                 return None
-            if any(o and o["state"] == "died" for o in outcomes) or all(outcomes) or time.time() > deadline:
+            failed = [o for o in outcomes if o and o["state"] in ("died", "error")]
+            # An echo means the cause is elsewhere: a rank that raised reports only after tearing down its
+            # process group (which is what its peers' collectives noticed), so give it longer to tell.
+            only_echoes = bool(failed) and all(o.get("echo") for o in failed)
+            waited = time.time() - start
+            if any(o["state"] == "died" for o in failed) or all(outcomes) or \
+                    waited > (ECHO_WAIT_S if only_echoes else wait_s):
                 break
             time.sleep(0.05)
         failed = [(r, o) for r, o in enumerate(outcomes) if o and o["state"] in ("died", "error")]
@@ -316,21 +336,39 @@ class Supervisor:
                                            ro[1].get("time", 0.0)))
 
     @staticmethod
+    def _frozen(group: WorkerGroup) -> int | None:
+        """The first rank whose training process is stopped (state T), if any answers so."""
+        try:
+            states = ray.get([w.process_state.remote() for w in group.workers], timeout=2)
+        except Exception:  # noqa: BLE001 - an actor that cannot answer: the hang stands as detected
+            return None
+        return next((r for r, state in enumerate(states) if state in ("T", "t")), None)
+
+    @staticmethod
     def _last_beat(attempt: Attempt, default: float) -> float:
         return attempt.steps[-1]["time"] if attempt.steps else attempt.started
 
     # -- accounting --------------------------------------------------------------------------------
     def goodput(self, t0: float) -> dict:
-        """Wall time split into productive steps, re-computed steps and time lost to failures."""
+        """Wall time split into productive steps, re-computed steps and time lost to failures.
+
+        A step counts once, at its last execution; every earlier execution of the same step number was
+        lost work, charged to what made the run do it again: the failure that ended that attempt, or a
+        rollback when the step was replayed within the same attempt."""
         wall = time.time() - t0
-        last_of: dict[int, float] = {}
-        executed = 0.0
-        for a in self.attempts:
+        last_run: dict[int, tuple[int, float]] = {}   # step -> (attempt index, step_s) of its newest execution
+        lost_s: dict[str, float] = {}
+        lost_steps: dict[str, int] = {}
+        for i, a in enumerate(self.attempts):
             for r in a.steps:
-                last_of[r["step"]] = r["step_s"]
-                executed += r["step_s"]
-        productive = sum(last_of.values())
-        recomputed_steps = sum(len(a.steps) for a in self.attempts) - len(last_of)
+                if (prev := last_run.get(r["step"])) is not None:
+                    j, seconds = prev
+                    cause = "rollback" if j == i else (self.attempts[j].failure.cause
+                                                       if self.attempts[j].failure else "restart")
+                    lost_s[cause] = lost_s.get(cause, 0.0) + seconds
+                    lost_steps[cause] = lost_steps.get(cause, 0) + 1
+                last_run[r["step"]] = (i, r["step_s"])
+        productive = sum(seconds for _, seconds in last_run.values())
         recover = []
         for prev, nxt in zip(self.attempts, self.attempts[1:]):
             if prev.failure and nxt.steps:
@@ -338,8 +376,10 @@ class Supervisor:
         by_cause = {c: sum(1 for a in self.attempts[:-1] if a.failure and a.failure.cause == c) for c in CAUSES}
         detect = [a.failure.detected - self._last_beat(a, a.failure.detected)
                   for a in self.attempts if a.failure]
-        return {"wall_s": wall, "productive_s": productive, "recomputed_s": executed - productive,
-                "recomputed_steps": recomputed_steps, "restarts": len(self.attempts) - 1,
+        return {"wall_s": wall, "productive_s": productive, "recomputed_s": sum(lost_s.values()),
+                "recomputed_steps": sum(lost_steps.values()),
+                "recomputed_by_cause": {c: {"steps": lost_steps[c], "seconds": lost_s[c]} for c in lost_s},
+                "restarts": len(self.attempts) - 1,
                 "restarts_by_cause": {c: k for c, k in by_cause.items() if k},
                 "detect_s": detect, "recover_s": recover,
                 "lost_to_restarts_s": sum(detect) + sum(recover),
@@ -370,9 +410,10 @@ def elastic_layout(cfg, world_size: int, new_world_size: int):
 
 def goodput_line(g: dict) -> str:
     causes = ", ".join(f"{k} {v}" for k, v in g["restarts_by_cause"].items()) or "none"
+    redone = ", ".join(f"{c} {v['steps']}" for c, v in g.get("recomputed_by_cause", {}).items())
     return (f"goodput {100 * g['goodput']:.0f}%: wall {g['wall_s']:.1f}s, productive steps {g['productive_s']:.1f}s, "
-            f"re-computed {g['recomputed_steps']} steps ({g['recomputed_s']:.1f}s), lost to restarts "
-            f"{g['lost_to_restarts_s']:.1f}s; restarts {g['restarts']} ({causes})")
+            f"re-computed {g['recomputed_steps']} steps ({g['recomputed_s']:.1f}s{'; ' + redone if redone else ''}), "
+            f"lost to restarts {g['lost_to_restarts_s']:.1f}s; restarts {g['restarts']} ({causes})")
 
 
 def _first_line(e: BaseException) -> str:

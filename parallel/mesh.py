@@ -6,6 +6,7 @@ ranks are adjacent, so with one process per GPU they share a node and its NVLink
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -29,6 +30,39 @@ def _store_of_this_attempt(timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"keel/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and nothing wider. torch's own store server binds the wildcard
+    address (0.0.0.0 or ::): every interface, where peers only ever use MASTER_ADDR."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's server does
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot bind the rendezvous store to {host}:{port} "
+                               f"(MASTER_ADDR:MASTER_PORT): {e.strerror}") from None
+    return sock
+
+
+def _store_hosted_here(timeout: timedelta) -> dist.Store:
+    """The rendezvous store, hosted by rank 0 on MASTER_ADDR only: loopback for a local run, the node's
+    cluster address on a cluster (the launcher sets MASTER_ADDR to rank 0's node address). The other ranks
+    connect to it as clients."""
+    host, port, world_size = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"])
+    if int(os.environ["RANK"]) != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    sock = _bound_socket(host, port)
+    # Bound, not listening: both store backends call listen() on the descriptor themselves, and both take
+    # it over (close it when the store goes), so detach() it from Python's socket object: otherwise
+    # Python closes it first, under a running server (measured in torch 2.13: the non-libuv server
+    # aborts at exit, "Unexpected poll revent on the master's listening socket: 32"). libuv, torch's
+    # default backend, accepts a listen fd (uv_tcp_open) as well; we follow USE_LIBUV as torch's env://
+    # rendezvous does.
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, master_listen_fd=sock.detach(),
+                         use_libuv=os.environ.get("USE_LIBUV", "1") == "1")
+
+
 def init_distributed(device: torch.device, timeout_s: float = 300.0) -> None:
     """Join the process group torchrun / the launcher described in the environment."""
     if dist.is_initialized():
@@ -39,10 +73,9 @@ def init_distributed(device: torch.device, timeout_s: float = 300.0) -> None:
     device_id = device if device.type == "cuda" else None
     store = _store_of_this_attempt(timeout)
     if store is None:
-        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
-    else:
-        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, device_id=device_id)
+        store = _store_hosted_here(timeout)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout, device_id=device_id)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:

@@ -114,13 +114,15 @@ def test_save_killed_before_commit_resumes_from_the_previous_checkpoint_and_says
 def test_corrupted_or_truncated_shard_fails_verify_and_is_skipped_at_resume(corpus_dir, tiny_overrides, tmp_path):
     ok(keel_train(tmp_path, "run", [*tiny_overrides, "train.steps=30"], corpus=corpus_dir))
     folder = tmp_path / "run" / "checkpoints"
-    assert ckpt("verify", tmp_path / "run").returncode == 0
+    assert ckpt("verify", "--deep", tmp_path / "run").returncode == 0  # the checksums the writers made hold
 
     shard = next((folder / "step_0000030").glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle of the weights
     shard.write_bytes(bytes(data))
-    result = ckpt("verify", folder / "step_0000030")
+    # Same size: the quick check (presence and sizes) cannot see it; --deep re-reads the bytes.
+    assert ckpt("verify", folder / "step_0000030").returncode == 0
+    result = ckpt("verify", "--deep", folder / "step_0000030")
     assert result.returncode == 1 and f"{shard.name} fails its sha256 checksum (corrupted)" in result.stdout
 
     other = next((folder / "step_0000020").glob("*.distcp"))
@@ -129,10 +131,11 @@ def test_corrupted_or_truncated_shard_fails_verify_and_is_skipped_at_resume(corp
     result = ckpt("verify", tmp_path / "run")
     assert result.returncode == 1 and "truncated" in result.stdout and "step_0000010: ok" in result.stdout
 
-    resumed = ok(keel_train(tmp_path, "run", [*tiny_overrides, "train.steps=40"], corpus=corpus_dir))
+    resumed = ok(keel_train(tmp_path, "run", [*tiny_overrides, "train.steps=30"], corpus=corpus_dir))
     assert "resumed: step=10" in resumed.stdout
-    assert [Path(e["path"]).name for e in events(tmp_path / "run") if e["kind"] == "checkpoint_skipped"] == \
-        ["step_0000030", "step_0000020"]
+    skipped = [e for e in events(tmp_path / "run") if e["kind"] == "checkpoint_skipped"]
+    assert [Path(e["path"]).name for e in skipped] == ["step_0000030", "step_0000020"]
+    assert f"{shard.name} fails its sha256 checksum" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
 
 
 # -- resharding -------------------------------------------------------------------------------------------
@@ -191,7 +194,8 @@ def test_resume_with_other_kernels_is_the_same_model(tiny_config):
 
     train(tiny_config("train.steps=5", "checkpoint.interval=5", "model.rmsnorm.impl=torch"))
     resumed = train(tiny_config("train.steps=6", "checkpoint.interval=5", "model.rmsnorm.impl=auto",
-                                "model.swiglu.impl=torch", "model.attention.impl=sdpa"))
+                                "model.swiglu.impl=torch", "model.attention.impl=sdpa",
+                                "checkpoint.resume_changed=true"))  # train.steps 5 -> 6
     assert "resumed" in [e["kind"] for e in events(resumed.run_dir)]
 
 

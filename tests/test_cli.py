@@ -12,7 +12,9 @@ KEEL = [sys.executable, "-m", "keel.launcher.cli"]
 
 
 def run(args, **kw):
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    # Every `keel train` below starts an embedded Ray: bound to loopback (shared/PLATFORM.md).
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kw)
 
 
@@ -65,3 +67,29 @@ def test_estimate_prints_params_flops_and_memory():
     assert "1,235,814,400" in result.stdout  # Llama-3.2-1B's published count
     for word in ("FLOPs / token", "weights", "optimizer", "activations"):
         assert word in result.stdout
+
+
+def test_inline_says_it_has_no_supervision_and_asking_for_a_missing_gpu_is_one_line(tmp_path):
+    result = run([*KEEL, "train", "configs/tiny.yaml", "--launcher", "inline",
+                  *sets("train.device=cuda", f"train.output_dir={tmp_path}")])
+    assert "no supervisor" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "keel: error: train.device=cuda but no CUDA device is visible here" in result.stderr
+
+
+def test_a_missing_gpu_under_the_supervisor_is_refused_before_anything_is_placed(tmp_path):
+    # Not retried: the one line comes from the capacity check, before a worker exists.
+    result = run([*KEEL, "train", "configs/tiny.yaml", *sets("train.device=cuda", f"train.output_dir={tmp_path}")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the job asks for 1 GPUs (1 workers x 1) but the cluster has 0 (set train.device=cpu" in result.stderr
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_a_missing_package_is_one_line_naming_what_installs_it(tmp_path):
+    # Python refuses to import a module whose sys.modules entry is None: as if Ray were not installed.
+    code = ("import sys; sys.modules['ray'] = None; from keel.launcher.cli import main; "
+            f"main(['train', 'configs/tiny.yaml', '--set', 'train.output_dir={tmp_path}'])")
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("keel: error: this needs ray, which is not installed here; install it with "
+                                     "pip install 'keel[ray]' (or `make install`)")

@@ -15,7 +15,7 @@ import pytest
 # Before Ray is imported (it reads this once): bind every Ray process to 127.0.0.1 (shared/PLATFORM.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402 - a requirement of keel: a broken install must fail, not skip
 
 from keel.launcher.raylaunch import train_on_ray  # noqa: E402
 from keel.launcher.supervisor import RunFailed  # noqa: E402
@@ -25,9 +25,14 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
+def ray_temp_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_temp_dir):
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning",
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+             _temp_dir=ray_temp_dir)
     yield
     ray.shutdown()
 
@@ -144,3 +149,171 @@ def test_a_run_that_stays_unstable_is_not_restarted(run, tmp_path):
     ev = events(tmp_path / "unstable")
     assert [e["kind"] for e in ev].count("restart") == 0
     assert any(e["kind"] == "gave_up" and e["reason"] == "not_retryable" for e in ev)
+
+
+# -- rollbacks under supervision ----------------------------------------------------------------------
+# A garbage-data episode at steps 80..90 is caught, rolled back to the step-70 checkpoint and skipped. The
+# replayed steps are slowed (0.25 s each, fault `slow`) so that the replay outlasts a 2 s hang timeout.
+ROLLBACK = ["train.steps=120", "checkpoint.interval=10", "fault.inject=[garbage@80-90, slow@71-82]",
+            "stability.actions=[skip_step, rollback(skip_batches=30)]"]
+
+
+def rank0_training_process(run_dir: Path):
+    """Rank 0's training process of this run: the one that holds the run's metrics.jsonl open."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "keel-rank0":
+            try:
+                if any(f.path == str(run_dir / "metrics.jsonl") for f in proc.open_files()):
+                    return proc
+            except psutil.Error:
+                continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def rollback_runs(local_ray, corpus_dir, tmp_path_factory, tiny_settings):
+    """The clean run, the rollback run, and the rollback run SIGKILLed right after its rollback."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path_factory.mktemp("rollbacks")
+
+    def go(name, *extra):
+        return train_on_ray(None, [*tiny_settings, f"data.path={corpus_dir}", f"train.output_dir={out}",
+                                   f"train.name={name}", "parallel.dp_shard=2", "train.micro_batch_size=4", *extra])
+
+    clean = go("clean", "train.steps=120", "checkpoint.interval=10")
+    rolled = go("rolled", *ROLLBACK, "fault.hang_timeout_s=2")
+    killed_at = {}
+
+    def kill_after_rollback(run_dir: Path) -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if (run_dir / "events.jsonl").exists() and '"rollback"' in (run_dir / "events.jsonl").read_text():
+                proc = rank0_training_process(run_dir)
+                if proc is not None:
+                    killed_at["time"] = time.time()
+                    proc.send_signal(signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_rollback, args=(out / "killed",), daemon=True)
+    watcher.start()
+    killed = go("killed", *ROLLBACK)
+    watcher.join(5)
+    return {"clean": clean, "rolled": rolled, "killed": killed, "killed_at": killed_at, "out": out}
+
+
+def test_a_replay_longer_than_the_hang_timeout_is_progress_not_a_hang(rollback_runs):
+    run_dir = rollback_runs["out"] / "rolled"
+    ev = events(run_dir)
+    (rollback,) = [e for e in ev if e["kind"] == "rollback"]
+    assert rollback["to_step"] == 70
+    # The replay from step 70 back to the step that triggered the rollback took longer than the timeout...
+    replayed = [r for r in steps(run_dir) if r["time"] > rollback["time"] and r["step"] <= rollback["from_step"]]
+    assert replayed[-1]["time"] - rollback["time"] > 2.0
+    # ... and the supervisor did not take it for a hang.
+    assert [e for e in ev if e["kind"] in ("failure", "restart")] == []
+    goodput = next(e for e in ev if e["kind"] == "goodput")
+    assert goodput["recomputed_by_cause"]["rollback"]["steps"] == rollback["from_step"] - 70
+
+
+def test_a_restart_right_after_a_rollback_keeps_the_skip_and_finishes_as_the_uninterrupted_run(rollback_runs):
+    run_dir = rollback_runs["out"] / "killed"
+    assert "time" in rollback_runs["killed_at"], "the watcher never saw the rollback"
+    ev = events(run_dir)
+    kinds = [e["kind"] for e in ev]
+    assert kinds.count("rollback") == 1 and [e["cause"] for e in ev if e["kind"] == "failure"] == ["process_died"]
+    resumed = [e for e in ev if e["kind"] == "resumed"][-1]
+    # Resumed from the checkpoint the rollback went back to, with the rollback's skip applied: the bad
+    # batches are never served again (no second anomaly) and the run ends exactly as without the kill.
+    assert resumed["step"] == 70 and resumed["rollback_applied"] == next(e for e in ev if e["kind"] == "rollback")["from_step"]
+    assert kinds[kinds.index("resumed", kinds.index("failure")):].count("anomaly") == 0
+    killed, rolled = rollback_runs["killed"]["summary"], rollback_runs["rolled"]["summary"]
+    assert killed["final_loss"] == pytest.approx(rolled["final_loss"], rel=1e-6)
+    assert killed["val_loss"] == pytest.approx(rolled["val_loss"], rel=1e-6)
+    # Against the run that never saw the bad data, on the held-out set (a last training batch is noise).
+    clean = rollback_runs["clean"]["summary"]["val_loss"]
+    assert abs(killed["val_loss"] - clean) / clean <= 0.01
+
+
+def test_a_hung_rank_in_a_default_run_is_detected_within_60_seconds(run, tmp_path):
+    result = run("hung_default", "fault.inject=hang:r1@12")
+    run_dir = tmp_path / "hung_default"
+    failure = next(e for e in events(run_dir) if e["kind"] == "failure")
+    assert failure["cause"] == "hang" and "adaptive" in failure["detail"]
+    hung_at = float(next((run_dir / "faults").iterdir()).read_text())
+    assert failure["time"] - hung_at <= 60
+    assert result["summary"]["steps"] == 30
+
+
+def test_a_run_whose_steps_slow_down_raises_no_alarm_and_a_later_hang_is_caught_fast(run, tmp_path):
+    # Steps go from ~0.03 s to ~0.3 s (10x) at step 8; rank 1 hangs after step 25. With a 1 s floor the
+    # adaptive limit is 20 x the slowest recent step: ~6 s by then.
+    run("slowed", "fault.hang_min_s=1", "fault.inject=[slow@8-30, hang:r1@25]")
+    run_dir = tmp_path / "slowed"
+    failures = [e for e in events(run_dir) if e["kind"] == "failure"]
+    assert [f["cause"] for f in failures] == ["hang"] and failures[0]["last_step"] == 25
+    hung_at = float(next((run_dir / "faults").iterdir()).read_text())
+    assert failures[0]["time"] - hung_at <= 6.0 + 5.0
+
+
+def test_a_one_process_run_is_supervised_too_and_a_killed_process_restarts_warm(local_ray, corpus_dir, tmp_path,
+                                                                                  tiny_overrides):
+    def go(name, *extra):
+        return train_on_ray(None, [*tiny_overrides, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}",
+                                   f"train.name={name}", "checkpoint.interval=5", *extra])
+
+    clean = go("one")
+    killed = go("one_killed", "fault.inject=kill@12")
+    assert killed["summary"]["final_loss"] == pytest.approx(clean["summary"]["final_loss"], rel=1e-6)
+    ev = events(tmp_path / "one_killed")
+    assert [(e["cause"], e["warm"]) for e in ev if e["kind"] == "restart"] == [("process_died", True)]
+    assert clean["goodput"]["restarts"] == 0
+
+
+def training_process(rank: int, ray_temp_dir: str):
+    """This module's Ray's `keel-rank{rank}` training process (its raylet runs under `ray_temp_dir`)."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == f"keel-rank{rank}":
+            try:
+                if any(ray_temp_dir in " ".join(p.cmdline()) for p in proc.parents()):
+                    return proc
+            except psutil.Error:
+                continue
+    return None
+
+
+def test_a_frozen_rank_is_caught_as_a_hang_and_blamed_by_name(run, reference_loss, tmp_path, ray_temp_dir):
+    import signal
+    import threading
+    import time
+
+    run_dir = tmp_path / "frozen"
+    frozen = {}
+
+    def freeze_rank1_at_step_10():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and len(steps(run_dir)) >= 10:
+                proc = training_process(1, ray_temp_dir)
+                if proc is not None:
+                    frozen["time"] = time.time()
+                    proc.send_signal(signal.SIGSTOP)  # alive, silent: a frozen rank
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=freeze_rank1_at_step_10, daemon=True)
+    watcher.start()
+    result = run("frozen", "fault.hang_min_s=3", "fault.inject=slow@1-30")
+    watcher.join(5)
+    assert "time" in frozen
+    (failure,) = [e for e in events(run_dir) if e["kind"] == "failure"]
+    assert failure["cause"] == "hang" and failure["rank"] == 1 and "stopped" in failure["detail"]
+    assert failure["time"] - frozen["time"] <= 30  # 20 x the slowest recent step (~0.3 s, more under load)
+    assert result["summary"]["final_loss"] == pytest.approx(reference_loss, rel=1e-6)

@@ -15,7 +15,7 @@ import pytest
 # Before Ray is imported (it reads this once): bind every Ray process to 127.0.0.1 (shared/PLATFORM.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402 - a requirement of keel: a broken install must fail, not skip
 
 from ray.cluster_utils import Cluster  # noqa: E402
 

@@ -149,3 +149,46 @@ def test_bad_policy_is_a_config_error_naming_the_forms(tiny_config):
 
     with pytest.raises(ConfigError, match=r"cannot read 'rollback\(batches=3\)'.*takes skip_batches"):
         tiny_config("stability.actions=[rollback(batches=3)]")
+
+
+def test_a_rollback_is_durable_at_once_and_retires_the_abandoned_trajectory(tiny_config):
+    """Killed right after a rollback (before the next save), the run must resume from the checkpoint it
+    rolled back to, skip the same batches and end exactly as the uninterrupted run: the rollback's
+    decisions are in checkpoints/rollbacks.json the moment it happens, and checkpoints saved on the
+    abandoned trajectory are never resumed from."""
+    import shutil
+
+    from keel.checkpoints import manifest as mf
+    from keel.training.loop import train
+
+    common = ["train.steps=200", "checkpoint.interval=10", "checkpoint.keep_last=20",
+              "stability.actions=[skip_step, rollback(skip_batches=30)]"]
+    # An episode with a checkpoint inside it: the garbage batch of step 150 is skipped and the step-150
+    # checkpoint is saved; more garbage at 157 escalates to a rollback to before the episode (step 140).
+    whole = train(tiny_config(*common, "train.name=whole", "fault.inject=[garbage@150, garbage@157-158]"))
+    (rollback,) = events_of(whole.run_dir, "rollback")
+    folder = whole.run_dir / "checkpoints"
+    ledger = rollbacks_ledger(folder)
+    assert ledger[-1]["to_step"] == rollback["to_step"] and [list(r) for r in ledger[-1]["skip_ranges"]] == \
+        [rollback["skipped_batches"]]
+    assert rollback.get("retired"), "no checkpoint of the abandoned trajectory was set aside"
+
+    # The same run, "killed" right after that rollback: its checkpoints after the rollback target never
+    # got written, but the ledger did.
+    crashed = tiny_config(*common, "train.name=crashed", "fault.inject=[garbage@150, garbage@157-158]")
+    shutil.copytree(folder, crashed.train.output_dir + "/crashed/checkpoints")
+    target = rollback["to_step"]
+    for e in mf.entries(crashed.train.output_dir + "/crashed/checkpoints"):
+        if e.step > target:
+            shutil.rmtree(e.path)
+    resumed = train(crashed)
+    (event,) = events_of(resumed.run_dir, "resumed")
+    assert event["step"] == target and event["rollback_applied"] == rollback["from_step"]
+    assert events_of(resumed.run_dir, "anomaly") == []  # the bad batches are not served again
+    assert resumed.final_loss == whole.final_loss
+
+
+def rollbacks_ledger(folder):
+    from keel.checkpoints import rollbacks
+
+    return rollbacks.read(folder)

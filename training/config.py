@@ -241,6 +241,10 @@ class CheckpointConfig:
     async_save: bool = True
     # "auto": resume from the newest committed checkpoint of this run, if any; "never"; or a checkpoint path.
     resume: str = "auto"
+    # Resume even though settings that decide the data order or the optimization (batch size, sequence
+    # length, data, tokenizer, seed, steps, schedule, optimizer; checkpoints/compat.py) differ from the
+    # checkpoint's. Off, such a resume is refused naming each change: silently, it would be another run.
+    resume_changed: bool = False
 
     def __post_init__(self):
         for name in ("interval", "keep_every"):
@@ -299,16 +303,23 @@ class LoggingConfig:
         _require(self.log_every > 0, f"logging.log_every must be positive, got {self.log_every}")
 
 
-FAULT_ACTIONS = ("kill", "hang", "raise", "kill_in_save", "nan", "garbage", "lr_spike")
-FAULT_FORM = ("ACTION[:rRANK]@STEP or ACTION@FIRST-LAST, ACTION one of kill|hang|raise|kill_in_save|nan|garbage|"
-              "lr_spike (e.g. kill@23, hang:r1@15, garbage@150-160)")
+FAULT_ACTIONS = ("kill", "hang", "raise", "kill_in_save", "enospc_in_save", "slow", "nan", "garbage", "lr_spike")
+FAULT_FORM = ("ACTION[:rRANK]@STEP or ACTION@FIRST-LAST, ACTION one of kill|hang|raise|kill_in_save|"
+              "enospc_in_save|slow|nan|garbage|lr_spike (e.g. kill@23, hang:r1@15, garbage@150-160)")
 
 
 @dataclass
 class FaultConfig:
     max_restarts: int = 3
-    # No step on some rank for this long (counted from the group's start) is a hang: restart.
-    hang_timeout_s: float = 300.0
+    # A rank that makes no progress for this long is hung: restart. None (the default) adapts it to the
+    # run: max(hang_min_s, hang_step_factor x the slowest of the recent steps), so it needs no tuning
+    # and catches a hang in tens of seconds where torchrun waits for the collective's timeout (10
+    # minutes for NCCL). Evaluations, checkpoint saves and rollbacks get their own allowance (the same
+    # factor times their longest observed duration; startup_timeout_s until one has been seen). A set
+    # value is used for steps as it is (and as a floor for those phases).
+    hang_timeout_s: Optional[float] = None
+    hang_min_s: float = 30.0
+    hang_step_factor: float = 20.0
     # How long a restart waits for the cluster to have room for the whole group again (a lost node
     # to be replaced) before the run gives up, or, with `elastic`, goes on with fewer nodes.
     capacity_timeout_s: float = 300.0
@@ -321,7 +332,9 @@ class FaultConfig:
     startup_timeout_s: float = 600.0
     # Failures to inject, for tests and drills (see training/faults.py): "kill@23" SIGKILLs every rank
     # right after step 23, "hang:r1@15" stops rank 1 after step 15, "raise:r0@10" raises in rank 0,
-    # "kill_in_save@30" SIGKILLs while the step-30 checkpoint is being written, before it commits.
+    # "kill_in_save@30" SIGKILLs while the step-30 checkpoint is being written, before it commits;
+    # "enospc_in_save@30" fails that write as a full disk would (the run reports it and goes on);
+    # "slow@40-60" adds SLOW_S seconds to each of those steps (every time they run: a slow machine).
     # For the stability drills: "nan@40" makes step 40's gradients NaN, "garbage@150-160" replaces the
     # batches first served at steps 150..160 with random tokens, "lr_spike@200-205" multiplies the
     # learning rate of steps 200..205 by 100 (once: a replay after a rollback runs clean).
@@ -333,8 +346,9 @@ class FaultConfig:
         for spec in self.inject:
             parse_fault(spec)
         _require(self.max_restarts >= 0, f"fault.max_restarts must be >= 0, got {self.max_restarts}")
-        for name in ("hang_timeout_s", "capacity_timeout_s", "startup_timeout_s"):
-            _require(getattr(self, name) > 0, f"fault.{name} must be positive, got {getattr(self, name)}")
+        for name in ("hang_timeout_s", "hang_min_s", "hang_step_factor", "capacity_timeout_s", "startup_timeout_s"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"fault.{name} must be positive, got {value}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .corpus import cache_dir
 
 # Published dense bf16 tensor-core peaks (FLOP/s) for GPUs whose name contains the key.
@@ -28,7 +29,8 @@ PUBLISHED_MEMORY_BANDWIDTH = {
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        # A user error, not a failure: a restart on the same machine would find no GPU either.
+        raise ConfigError("train.device=cuda but no CUDA device is visible here; use train.device=auto or cpu")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

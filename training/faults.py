@@ -1,14 +1,15 @@
 """Injected failures (`fault.inject`), for tests and drills: the real thing, not a simulation.
 
 A spec is ACTION[:rRANK]@STEP (or @FIRST-LAST for the data and learning-rate faults). Without a rank
-every rank is hit. Process faults (kill, hang, raise, kill_in_save) fire once per run folder: a marker
-file is written before they fire, so the restarted run passes the same step unharmed, as it would after
-a real one-off failure. The numeric faults (nan, garbage, lr_spike) serve the stability drills: garbage
-belongs to the data (the batches first served at those steps, wherever they come up again), nan and
-lr_spike to steps, once each.
+every rank is hit. Process faults (kill, hang, raise, kill_in_save, enospc_in_save) fire once per run
+folder: a marker file is written before they fire, so the restarted run passes the same step unharmed, as
+it would after a real one-off failure. The numeric faults (nan, garbage, lr_spike) serve the stability
+drills: garbage belongs to the data (the batches first served at those steps, wherever they come up
+again), nan and lr_spike to steps, once each.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -16,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .config import FAULT_ACTIONS, FAULT_FORM, ConfigError
 
 SPEC = re.compile(r"^(?P<action>[a-z_]+)(?::r(?P<rank>\d+))?@(?P<step>\d+)(?:-(?P<last>\d+))?$")
 LR_SPIKE = 100.0
+SLOW_S = 0.25
 
 
 class InjectedFault(RuntimeError):
@@ -82,6 +83,14 @@ class FaultInjector:
         if action == "hang":
             while True:  # like a rank stuck in a collective: alive, making no progress
                 time.sleep(60)
+        if action == "enospc_in_save":  # what a write to a full disk raises, from inside the save
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: enospc_in_save at step {step}, "
+                          f"rank {self.rank})")
+
+    def slow(self, step: int) -> None:
+        """Part of step `step`'s time: a healthy but slower step, every time it runs (a replay too)."""
+        if any(f.action == "slow" and f.hits(self.rank, step) for f in self.faults):
+            time.sleep(SLOW_S)
 
     def after_step(self, step: int) -> None:
         for action in ("kill", "raise", "hang"):
@@ -121,10 +130,14 @@ class FaultInjector:
         """Random tokens in place of global batch `batch` (0-based: served first at step batch + 1)."""
         if not any(f.action == "garbage" and f.hits(self.rank, batch + 1) for f in self.faults):
             return inputs, targets
+        import torch  # here, not at the top: parsing fault specs (every config load) needs no torch
+
         g = torch.Generator().manual_seed(batch)
         tokens = torch.randint(0, vocab_size, (inputs.shape[0], inputs.shape[1] + 1), generator=g)
         return tokens[:, :-1], tokens[:, 1:]
 
     def in_save(self, step: int) -> None:
-        """Called once the shards of the step-`step` checkpoint are written and before it commits."""
+        """Called once the shards of the step-`step` checkpoint are written and before it commits (in the
+        save's background thread for an asynchronous save)."""
         self._fire("kill_in_save", step)
+        self._fire("enospc_in_save", step)

@@ -1,6 +1,7 @@
 """The training loop, top to bottom. It does not care how it was started (CLI, torchrun, a Ray actor)."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -18,6 +19,7 @@ from ..kernels.ops import check_op_impl
 from ..parallel.dims import ParallelDims, check_layout
 from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, dump_config
+from ..checkpoints import rollbacks
 from ..checkpoints.manager import Checkpointer
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
@@ -55,6 +57,29 @@ class RankEnv:
     def from_environ(cls) -> "RankEnv":
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+class Beats:
+    """What the launcher's supervisor hears from this rank (`on_beat`): every step's record, and the start
+    and end of the phases that may rightly take longer than a step (evaluation, checkpoint save, restoring
+    a checkpoint for a rollback), so that it can tell a slow phase from a hang."""
+
+    def __init__(self, send: Callable[[dict], None] | None):
+        self.send = send
+
+    def step(self, record: dict) -> None:
+        if self.send is not None:
+            self.send({"phase": "step", **record})
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int):
+        if self.send is None:
+            yield
+            return
+        self.send({"phase": name, "step": step})
+        t0 = time.perf_counter()
+        yield
+        self.send({"phase": f"{name}_end", "step": step, "seconds": time.perf_counter() - t0})
 
 
 def resolve_data(cfg: Config, progress: bool = True) -> Path:
@@ -96,7 +121,7 @@ def check_kernels(cfg: Config, device: torch.device, tp: int = 1) -> None:
 # Events worth a console line as well as a line in events.jsonl.
 LOUD = {"checkpoint_skipped": "yellow", "checkpoint_failed": "red", "rng_not_restored": "yellow",
         "resumed": "green", "checkpoint_saved": "dim", "anomaly": "red", "rollback": "yellow",
-        "checkpoints_set_aside": "yellow"}
+        "checkpoints_set_aside": "yellow", "resume_changed": "yellow"}
 
 
 def report(log: RunLogger, kind: str, **fields) -> None:
@@ -107,23 +132,24 @@ def report(log: RunLogger, kind: str, **fields) -> None:
 
 
 def remediate(action: Action, verdict: Verdict, stability: Stabilizer, engine: Engine, ckpt: Checkpointer,
-              loader: BatchLoader, log: RunLogger) -> int | None:
+              loader: BatchLoader, log: RunLogger, beats: Beats) -> int | None:
     """Report an anomalous step and carry out `action` (the loop already dropped the step's update, or
     applied it at the lowered rate for lower_lr). Returns the step to continue from after a rollback."""
     report(log, "anomaly", step=verdict.step, verdict=verdict.kind, reason=verdict.reason, action=str(action),
            z_loss=round(verdict.z_loss, 2), z_grad=round(verdict.z_grad, 2))
     if action.name != "rollback":
         return None
-    ckpt.wait()
-    # The newest checkpoint from before the trouble began: the first anomaly of this episode showed in
-    # the loss at step `onset`, so the update of step onset - 1 may be the cause; go back before it.
-    target = ckpt.choose("auto", before=stability.onset - 1)
-    if target is None:
-        raise StabilityError(stability.report(f"no committed checkpoint before step {stability.onset - 1} to roll "
-                                              f"back to; set checkpoint.interval"))
-    served = loader.batch - 1  # the batch of the step that triggered the rollback
-    skips = list(loader.skip_ranges)  # earlier rollbacks' skips stay, whatever the checkpoint remembers
-    trainer = ckpt.restore(engine, target)
+    with beats.phase("restore", verdict.step):
+        ckpt.wait()
+        # The newest checkpoint from before the trouble began: the first anomaly of this episode showed in
+        # the loss at step `onset`, so the update of step onset - 1 may be the cause; go back before it.
+        target = ckpt.choose("auto", before=stability.onset - 1)
+        if target is None:
+            raise StabilityError(stability.report(f"no committed checkpoint before step {stability.onset - 1} to "
+                                                  f"roll back to; set checkpoint.interval"))
+        served = loader.batch - 1  # the batch of the step that triggered the rollback
+        skips = list(loader.skip_ranges)  # earlier rollbacks' skips stay, whatever the checkpoint remembers
+        trainer = ckpt.restore(engine, target)
     loader.load_state_dict(trainer["loader"])
     for start, stop in skips:
         loader.skip(start, stop)
@@ -132,8 +158,16 @@ def remediate(action: Action, verdict: Verdict, stability: Stabilizer, engine: E
     skipped = [loader.batch, served + 1 + action.skip_batches]
     loader.skip(*skipped)
     stability.incidents[-1]["skipped"] = skipped
+    if ckpt.rank == 0:
+        # Durable now, not at the next save: a restart from here on keeps the skip and the count, and
+        # never resumes on the trajectory just abandoned (checkpoints/rollbacks.py).
+        rollbacks.record(ckpt.folder, {"from_step": verdict.step, "to_step": trainer["step"],
+                                       "checkpoint": str(target), "skip_ranges": [list(r) for r in loader.skip_ranges],
+                                       "stability": stability.state_dict()})
+        retired = rollbacks.retire_after(ckpt.folder, trainer["step"])
     report(log, "rollback", from_step=verdict.step, to_step=trainer["step"], checkpoint=str(target),
-           skipped_batches=skipped, rollbacks=stability.rollbacks)
+           skipped_batches=skipped, rollbacks=stability.rollbacks,
+           **({"retired": [p.name for p in retired]} if ckpt.rank == 0 and retired else {}))
     return trainer["step"]
 
 
@@ -144,9 +178,9 @@ def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
     return sum(losses) / len(losses)
 
 
-def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], None] | None = None) -> RunSummary:
-    """Run (or resume) the training of `cfg` on this rank. `on_step` receives every step's record (the
-    launcher's heartbeat)."""
+def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], None] | None = None) -> RunSummary:
+    """Run (or resume) the training of `cfg` on this rank. `on_beat` receives every step's record and the
+    phases between steps (the launcher's heartbeat; see Beats)."""
     env = env or RankEnv.from_environ()
     dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp,
                                 cfg.parallel.pp, env.world_size)
@@ -159,7 +193,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], Non
     if distributed:
         init_distributed(device)
     try:
-        return _train(cfg, env, dims, device, on_step)
+        return _train(cfg, env, dims, device, Beats(on_beat))
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -170,8 +204,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_step: Callable[[dict], Non
         gc.collect()
 
 
-def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
-           on_step: Callable[[dict], None] | None) -> RunSummary:
+def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, beats: Beats) -> RunSummary:
     is_main = env.rank == 0
     # Rank 0 prepares the corpus if it is missing; the others wait and then find it ready.
     if is_main:
@@ -218,7 +251,14 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
         train_loader.load_state_dict(trainer["loader"])
         stability.load_state_dict(trainer["stability"])
         start_step, first_val = trainer["step"], trainer["first_val_loss"]
-        report(log, "resumed", step=start_step, path=str(resume_from))
+        # A rollback after this checkpoint was saved: carry on as the run did after it.
+        rollback = rollbacks.pending(ckpt.folder, start_step) if resume_from.parent == ckpt.folder else None
+        if rollback is not None:
+            train_loader.skip_ranges = [tuple(r) for r in rollback["skip_ranges"]]
+            stability.load_state_dict(rollback["stability"])
+        report(log, "resumed", step=start_step, path=str(resume_from),
+               **({"rollback_applied": rollback["from_step"], "skip_ranges": rollback["skip_ranges"]}
+                  if rollback else {}))
 
     tokens_per_step = G * T
     start = time.perf_counter()
@@ -236,6 +276,7 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
         scheduled_lr = lr_at(step - 1, cfg.optim.lr, cfg.train.steps, cfg.schedule) * faults.lr_factor(step)
         inputs, targets = next(train_loader)
         inputs, targets = faults.garbage(train_loader.batch - 1, inputs, targets, cfg.model.vocab_size)
+        faults.slow(step)
         loss = engine.forward_backward(inputs, targets)
         faults.poison_gradients(step, engine.model)
         grad_norm = engine.clip_grad_norm(cfg.optim.grad_clip)
@@ -259,29 +300,31 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device,
                   "tokens_per_s": tokens_per_s, "step_s": dt, "mfu": mfu, "peak_mem_gb": peak_memory_gb(device),
                   "verdict": verdict.kind}
         log.step(record)
-        if on_step is not None:
-            on_step(record)
+        beats.step(record)
         paused = time.perf_counter()
         if action is not None:
-            resume_at = remediate(action, verdict, stability, engine, ckpt, train_loader, log)
+            resume_at = remediate(action, verdict, stability, engine, ckpt, train_loader, log, beats)
             if resume_at is not None:  # rolled back: carry on from the checkpoint's step
                 step = resume_at
                 last += time.perf_counter() - paused
                 continue
         if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            val_loss = evaluate(engine, val_windows, cfg)
+            with beats.phase("eval", step):
+                val_loss = evaluate(engine, val_windows, cfg)
             log.eval(step, val_loss)
         interval = cfg.checkpoint.interval
         if interval and (step % interval == 0 or step == cfg.train.steps):
-            ckpt.save(step, engine, {"step": step, "tokens": step * tokens_per_step, "first_val_loss": first_val,
-                                     "loader": train_loader.state_dict(), "stability": stability.state_dict()})
+            with beats.phase("save", step):
+                ckpt.save(step, engine, {"step": step, "tokens": step * tokens_per_step, "first_val_loss": first_val,
+                                         "loader": train_loader.state_dict(), "stability": stability.state_dict()})
         faults.after_step(step)
         last += time.perf_counter() - paused
     if start_step >= cfg.train.steps:
         log.print(f"the run was already complete at step {start_step}; to train again from scratch use "
                   f"--resume never or another train.name")
         val_loss = evaluate(engine, val_windows, cfg)
-    ckpt.close()
+    with beats.phase("save", step):  # the last asynchronous save finishes writing
+        ckpt.close()
 
     wall = time.perf_counter() - start
     steady = step_times[1:] or step_times

@@ -6,25 +6,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-from ..checkpoints.manager import CheckpointError
-from ..parallel.dims import LayoutError
-from .config import ConfigError, load_config
-from .corpus import DataError
-from .loop import RankEnv, RunSummary, train
-from .stability import StabilityError
+if TYPE_CHECKING:
+    from .loop import RunSummary
 
-# Errors caused by what the user asked for: shown as one line, no traceback unless --debug.
-USER_ERRORS = (ConfigError, DataError, LayoutError, CheckpointError, StabilityError)
 T = TypeVar("T")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by what the user asked for: shown as one line, no traceback unless --debug, and never
+    retried by the supervisor (a restart would only repeat them). The one list of them. Imported when
+    asked, so that commands which never train (and `keel train` on Ray, whose driver only validates and
+    supervises) start without importing torch."""
+    from ..checkpoints.manager import CheckpointError
+    from ..parallel.dims import LayoutError
+    from .config import ConfigError
+    from .corpus import DataError
+    from .stability import StabilityError
+
+    return ConfigError, DataError, LayoutError, CheckpointError, StabilityError
 
 
 def guarded(fn: Callable[[], T], debug: bool = False) -> T:
     try:
         return fn()
-    except USER_ERRORS as e:
-        if debug:
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
             raise
         print(f"keel: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -41,6 +49,9 @@ def summary_line(s: RunSummary) -> str:
 
 
 def train_from_file(config: str, overrides: list[str]) -> RunSummary:
+    from .config import load_config
+    from .loop import RankEnv, train
+
     env = RankEnv.from_environ()
     summary = train(load_config(config, overrides), env)
     if env.rank == 0:
