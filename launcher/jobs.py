@@ -159,7 +159,10 @@ def chaos(address: str | None, seed: int | None = None, actor: bool = False) -> 
     from ray.util.state import list_actors
 
     try:
-        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
+        # The cluster we are connected to, by its GCS address: left to itself, the state API looks for "the"
+        # Ray instance of this machine (/tmp/ray/ray_current_cluster), which may be another one.
+        gcs = ray.get_runtime_context().gcs_address
+        actors = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True, limit=10000)
                   if a.class_name == "RankWorker"]
         if not actors:
             raise LauncherError(f"no running keel worker found on the cluster at {address}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from ..training.config import Config, load_config
@@ -45,6 +46,11 @@ def train_on_ray(config: str | None, overrides: list[str], nproc_per_node: int |
     cfg = load_config(config, overrides)
     world = world_size_of(cfg, nproc_per_node, nnodes)
     validate(cfg, world, nnodes)
+    if cfg.data.path is not None and not (address or os.environ.get("RAY_ADDRESS")):
+        from ..training.corpus import read_meta
+
+        # This machine is where the ranks will read it: a missing or unprepared folder is one line now.
+        read_meta(Path(cfg.data.path))
     per_node = world // nnodes
     conn = connect(address, system_config=system_config)  # imports Ray only once its environment is set
     import ray

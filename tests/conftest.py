@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+# Ray finds "the" instance of a machine through $RAY_TMPDIR/ray_current_cluster (/tmp/ray by default),
+# which any earlier `ray start` may have left pointing at a cluster long gone; a test that connects by
+# auto-detection would wait on it. The suite's Ray processes look in a folder of their own instead (set
+# before any test module imports Ray; subprocesses inherit it).
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="keel-rt-"))
 
 import pytest
 

@@ -43,7 +43,7 @@ def readme_commands() -> list[tuple[str, str | None]]:
         if not block:
             continue
         text = line[2:] if line.startswith("$ ") else line
-        if not re.match(r"(keel|python -m keel)\b", text):
+        if not re.match(r"(keel|python -m keel)\s", text):  # not `keel: error: ...`, the output
             continue
         command = text.split("  #")[0].strip()
         error = lines[i + 1].strip() if line.startswith("$ ") and lines[i + 1].startswith("keel: error:") else None
