@@ -30,6 +30,13 @@ HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "h
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Ray's "current cluster" file, in a folder of this module's own: an earlier test's `ray start --head`
+    # leaves one behind in the suite's RAY_TMPDIR, and the fake cluster's head would connect to that
+    # (dead) address instead of its own.
+    import tempfile
+
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="keel-rn-")
     # The head runs only the driver (no CPUs): every rank lands on a worker node.
     c = Cluster(initialize_head=True, connect=True,
                 head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "_system_config": HEALTH,
@@ -40,6 +47,10 @@ def cluster():
     yield c
     ray.shutdown()
     c.shutdown()
+    if before is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = before
 
 
 def overrides(corpus_dir, out, name, tiny):
