@@ -171,7 +171,8 @@ class RankWorker:
         if proc is None or proc.pid is None:
             return None
         try:  # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces
-            return open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{proc.pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return None
 

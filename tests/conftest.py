@@ -10,6 +10,10 @@ from pathlib import Path
 # auto-detection would wait on it. The suite's Ray processes look in a folder of their own instead (set
 # before any test module imports Ray; subprocesses inherit it).
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="keel-rt-"))
+# Ray reads this once, at its first import, and whichever test module is collected first imports it: without
+# it Ray swaps a loopback GCS address for the primary interface's, and a fake cluster started on 127.0.0.1
+# waits for a GCS on that other address until the test times out (shared/PLATFORM.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
