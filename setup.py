@@ -44,6 +44,8 @@ setup(
     install_requires=[
         "torch>=2.6",
         "numpy",
+        "scipy",
+        "threadpoolctl",  # one BLAS thread inside the scaling fits (scaling/blas.py)
         "pyyaml",
         "rich",
         "wandb",

@@ -12,6 +12,8 @@ def cmd_train(args) -> None:
         args.overrides.append(f"checkpoint.resume={args.resume}")
     if args.resume_changed:
         args.overrides.append("checkpoint.resume_changed=true")
+    if args.forecast:
+        args.overrides.append(f"train.forecast={forecast_file(args.config, args.overrides, args.forecast)}")
     if args.launcher == "torchrun":
         from .local import run_torchrun
 
@@ -28,6 +30,20 @@ def cmd_train(args) -> None:
 
     train_on_ray(args.config, args.overrides, args.nproc_per_node, args.nnodes, args.address,
                  args.cpus_per_worker, args.gpus_per_worker)
+
+
+def forecast_file(config: str, overrides: list[str], fit_path: str) -> str:
+    """Predict this run from fit.json now, before anything starts; the loop watches it against the file."""
+    from pathlib import Path
+
+    from ..scaling.fit import ScalingFit
+    from ..scaling.forecast import forecast_for, write_forecast
+    from ..training.config import load_config
+
+    cfg = load_config(config, overrides)
+    forecast = forecast_for(ScalingFit.load(fit_path), cfg, fit_path)
+    path = write_forecast(forecast, Path(cfg.train.output_dir) / cfg.train.name / "forecast.json")
+    return str(path.resolve())
 
 
 def cmd_submit(args) -> None:
@@ -127,6 +143,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="CPUs reserved per rank (default: 1 on a cluster; the machine's cores shared out locally)")
     p.add_argument("--gpus-per-worker", type=float, metavar="N",
                    help="GPUs per rank (default: 1 when the cluster has GPUs and train.device allows, else 0)")
+    p.add_argument("--forecast", metavar="FIT_JSON",
+                   help="predict this run's loss from a scaling fit (keel scale fit) before it starts, show every "
+                        "eval beside the prediction, and report when the run leaves the forecast")
     p.set_defaults(func=cmd_train)
 
     jobs_help = "the cluster's job API, http://HOST:8265 (default: RAY_ADDRESS)"
@@ -166,6 +185,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
 
     from .ckpt import add_ckpt_parser
+    from .scale import add_scale_parser
     from .spikes import add_spikes_parser
 
     if command == "bench":
@@ -176,6 +196,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub.add_parser("bench", help="benchmark kernels per op, or whole training steps (keel bench --help)")
     add_ckpt_parser(sub)
     add_spikes_parser(sub)
+    add_scale_parser(sub)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command",
                                                                                  required=True, metavar="ACTION")

@@ -2,7 +2,8 @@
 import pytest
 
 from keel.training.config import ModelConfig
-from keel.training.flops import count_params, memory_per_device, training_flops_per_token
+from keel.training.flops import (appendix_f_flops, count_params, memory_per_device, model_appendix_f_flops,
+                                 training_flops_per_token)
 from keel.training.model import build_model
 
 # d=64, 2 layers, 4 query heads and 2 KV heads of dim 16, SwiGLU hidden 128, vocab 256.
@@ -52,3 +53,30 @@ def test_memory_per_device_falls_with_each_parallel_degree():
     assert pp.weights == one.weights / 2
     # the first stage holds half the layers but two micro-batches of them, and no logits
     assert pp.activations < one.activations
+
+
+# Hoffmann et al. 2022, Table A4: layers, d_model, ffw_size, heads, kv_size -> published ratio of the
+# appendix-F FLOPs to 6ND (sequence 2048, vocabulary 32k).
+TABLE_A4 = [((10, 640, 2560, 10, 64), 1.03), ((20, 1024, 4096, 16, 64), 1.10), ((24, 1280, 5120, 10, 128), 1.08),
+            ((26, 1792, 7168, 14, 128), 1.04), ((28, 2048, 8192, 16, 128), 1.03), ((40, 3584, 14336, 28, 128), 0.99)]
+
+
+@pytest.mark.parametrize("shape,ratio", TABLE_A4, ids=[f"d{s[1]}" for s, _ in TABLE_A4])
+def test_appendix_f_count_reproduces_chinchilla_table_a4(shape, ratio):
+    L, d, f, h, _ = shape
+    S, V = 2048, 32000
+    # The paper's N: everything but the input embedding, in its architecture (Transformer-XL relative
+    # positions: an extra d^2 + 2d per layer; biases; two LayerNorms per layer and a final one).
+    per_layer = (3 * d * d + 3 * d) + (d * d + 2 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    N = L * per_layer + 2 * d + d * V
+    exact = appendix_f_flops(S, V, d, h, L, f, embedding_and_logits=False)
+    assert exact / (6 * N * S) == pytest.approx(ratio, abs=0.01)
+
+
+def test_appendix_f_count_of_keel_model_is_close_to_6n_plus_attention():
+    # The two counts differ only by the softmax and the unmasked half of the score matrix.
+    cfg = ModelConfig(**SMALL)
+    T = 32
+    full_scores = training_flops_per_token(cfg, T, causal=False) * T
+    softmax = 3 * 3 * cfg.n_heads * T * T * cfg.n_layers
+    assert model_appendix_f_flops(cfg, T) == pytest.approx(full_scores + softmax, rel=1e-12)

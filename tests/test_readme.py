@@ -27,6 +27,13 @@ ELSEWHERE = {
     "keel chaos": "tests/test_launcher_jobs.py",
     "keel bench attention": "tests/kernels/test_bench.py",
     "keel bench step": "tests/kernels/test_bench.py",
+    # A ladder trains for minutes; the pipeline test runs the rest on runs written from a known law.
+    "keel scale run": "tests/test_scaling_ladder.py",
+    "keel scale fit": "tests/test_scaling_pipeline.py",
+    "keel scale predict": "tests/test_scaling_pipeline.py",
+    "keel scale report": "tests/test_scaling_pipeline.py",
+    "keel scale check": "tests/test_scaling_pipeline.py",
+    "keel train configs/tiny.yaml --forecast": "tests/test_scaling_pipeline.py",
 }
 # Only makes a run shorter (these come last, so they win over the README's own train.steps).
 SHORTER = ["train.steps=4", "train.eval_every=0", "train.eval_batches=1", "logging.progress=false",

@@ -186,10 +186,21 @@ class TrainConfig:
     eval_batches: int = 8
     # Threads per process on CPU; 0 = leave PyTorch's default.
     cpu_threads: int = 0
+    # A forecast.json (written by `keel train --forecast fit.json`): the eval loss predicted for this run,
+    # with its interval, shown beside every eval; leaving the interval is an off_forecast event.
+    forecast: Optional[str] = None
+    # A capability suite scored at the end of the run and kept in record.json (training/tasks.py): None =
+    # none; "heldout" = next-line completion drawn from the corpus's val split; else a JSONL task file of
+    # {"prompt", "answer"} lines. Single-process runs only, for now.
+    tasks: Optional[str] = None
+    task_samples: int = 8  # sampled completions per problem for its pass rate
 
     def __post_init__(self):
-        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches"):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches", "task_samples"):
             _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(self.tasks in (None, "heldout") or Path(self.tasks).is_file(),
+                 f"train.tasks={self.tasks!r} is neither 'heldout' nor an existing file; set train.tasks=heldout "
+                 f"or the path of a JSONL file of {{\"prompt\": ..., \"answer\": ...}} lines")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"train.global_batch_size={self.global_batch_size} is not a multiple of "

@@ -107,3 +107,36 @@ def memory_per_device(cfg: ModelConfig, seq_len: int, micro_batch_size: int, pre
             rows = min(rows, cfg.cross_entropy.chunk_size or default_chunk_size(rows, cfg.vocab_size))
         activations += rows * cfg.vocab_size * 4 * 2 / tp
     return MemoryEstimate(weights=4 * n, grads=4 * n, optimizer=8 * n, activations=activations)
+
+
+def appendix_f_flops(seq_len: int, vocab_size: int, d_model: int, n_heads: int, n_layers: int, ffw_size: int,
+                     key_size: int | None = None, n_kv_heads: int | None = None, ffn_matrices: int = 2,
+                     embedding_and_logits: bool = True) -> float:
+    """Training FLOPs of one sequence, counted op by op as in Hoffmann et al. 2022 (Chinchilla), Appendix F:
+    embeddings, the q/k/v projections, the score matmul, the softmax (3 FLOPs per score), the value
+    reduction, the output projection, the feed-forward matmuls and the logits; backward = 2 x forward.
+    Unlike the 6N + attention count above it keeps the full (unmasked) score matrix and the softmax, as the
+    paper does. `ffn_matrices` is 2 for the paper's GELU MLP, 3 for SwiGLU; `n_kv_heads` < n_heads for
+    grouped-query attention. The paper's Table A4 leaves the embeddings and logits out (a typo in the
+    appendix, per the authors' correspondence reported in karpathy/nanoGPT's scaling_laws notebook):
+    embedding_and_logits=False reproduces it."""
+    S, d, H = seq_len, d_model, n_heads
+    k = key_size or d // H
+    kv = n_kv_heads or H
+    attention = (2 * S * d * k * (H + 2 * kv)     # q, k, v projections
+                 + 2 * S * S * k * H               # q @ k^T
+                 + 3 * H * S * S                   # softmax
+                 + 2 * S * S * k * H               # scores @ v
+                 + 2 * S * k * H * d)              # output projection
+    dense = 2 * S * ffn_matrices * d * ffw_size
+    forward = n_layers * (attention + dense)
+    if embedding_and_logits:
+        forward += 2 * S * vocab_size * d * 2      # the embedding (as a one-hot matmul) and the logits
+    return 3 * forward
+
+
+def model_appendix_f_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """appendix_f_flops of keel's own model (GQA, SwiGLU; the embedding is a lookup, so only the logits)."""
+    full = appendix_f_flops(seq_len, cfg.vocab_size, cfg.dim, cfg.n_heads, cfg.n_layers, cfg.hidden_dim,
+                            key_size=cfg.head_dim, n_kv_heads=cfg.n_kv_heads, ffn_matrices=3)
+    return full - 3 * 2 * seq_len * cfg.vocab_size * cfg.dim

@@ -23,13 +23,16 @@ from ..checkpoints import rollbacks
 from ..checkpoints.manager import Checkpointer
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
-from .device import peak_flops, pick_device, seed_everything
+from .device import autocast, peak_flops, pick_device, seed_everything
 from .engine import Engine, make_engine
 from .faults import FaultInjector
+from .forecast import Forecast
 from .stability import Action, Stabilizer, StabilityError, Verdict
 from .flops import training_flops_per_token
 from .metrics import RunLogger, peak_memory_gb
+from .record import build_record, write_record
 from .schedule import lr_at
+from .tasks import run_tasks
 
 
 @dataclass
@@ -121,7 +124,7 @@ def check_kernels(cfg: Config, device: torch.device, tp: int = 1) -> None:
 # Events worth a console line as well as a line in events.jsonl.
 LOUD = {"checkpoint_skipped": "yellow", "checkpoint_failed": "red", "rng_not_restored": "yellow",
         "resumed": "green", "checkpoint_saved": "dim", "anomaly": "red", "rollback": "yellow",
-        "checkpoints_set_aside": "yellow", "resume_changed": "yellow"}
+        "checkpoints_set_aside": "yellow", "resume_changed": "yellow", "off_forecast": "red"}
 
 
 def report(log: RunLogger, kind: str, **fields) -> None:
@@ -171,11 +174,42 @@ def remediate(action: Action, verdict: Verdict, stability: Stabilizer, engine: E
     return trainer["step"]
 
 
+def watch(forecast: Forecast | None, step: int, val_loss: float, log: RunLogger) -> None:
+    """The eval beside its forecast; an off_forecast event once it has stayed outside the interval."""
+    judged = forecast.judge(step, val_loss) if forecast is not None else None
+    if judged is None:
+        return
+    log.print(f"[magenta]  forecast {judged['loss']:.4f} [{judged['lo']:.4f}, {judged['hi']:.4f}][/]"
+              + (" [red]outside[/]" if judged["outside"] else ""))
+    if judged["off"]:
+        report(log, "off_forecast", step=step, observed=round(val_loss, 5), predicted=round(judged["loss"], 5),
+               lo=round(judged["lo"], 5), hi=round(judged["hi"], 5), evals_outside=forecast.off_streak)
+
+
 def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
     # A fresh loader each time: every evaluation scores the same held-out batches, so points compare.
     loader = BatchLoader(windows, cfg.train.global_batch_size, engine.dp_rank, engine.dp_size, seed=cfg.train.seed)
     losses = [engine.eval_loss(*next(loader)) for _ in range(cfg.train.eval_batches)]
     return sum(losses) / len(losses)
+
+
+def score_tasks(cfg: Config, engine: Engine, data_dir: Path, device: torch.device, env: RankEnv, log: RunLogger,
+                beats: Beats, step: int) -> dict | None:
+    """The capability suite of train.tasks on the final model, for the RunRecord (training/tasks.py)."""
+    if not cfg.train.tasks:
+        return None
+    if env.world_size > 1:
+        # engine.model is this rank's shard (FSDP, TP, a pipeline stage): scoring needs the whole model.
+        log.print(f"train.tasks={cfg.train.tasks}: tasks are evaluated only in one-process runs for now; skipped")
+        return None
+    with beats.phase("eval", step), autocast(device, cfg.train.precision):  # the supervisor allows for an eval
+        tasks = run_tasks(cfg.train.tasks, data_dir, engine.model, device, samples=cfg.train.task_samples,
+                          context=cfg.data.seq_len)
+    log.event("tasks", **{k: v for k, v in tasks.items() if k != "per_problem"})
+    log.print(f"tasks ({tasks['source']}, {tasks['problems']} problems): pass rate {tasks['pass_rate']:.3f} "
+              f"({tasks['samples']} samples), greedy {tasks['greedy_accuracy']:.3f}, "
+              f"answer NLL {tasks['answer_nll']:.3f} nats/token")
+    return tasks
 
 
 def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], None] | None = None) -> RunSummary:
@@ -243,6 +277,9 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
     log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout_text}) | MFU against "
               f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
     log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout)
+    forecast = Forecast(cfg.train.forecast) if cfg.train.forecast and is_main else None
+    if forecast is not None:
+        log.print(f"[magenta]{forecast.opening_line(cfg.train.steps)}[/]")
 
     start_step, first_val = 0, None
     stability = Stabilizer(cfg.stability)
@@ -312,6 +349,7 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
             with beats.phase("eval", step):
                 val_loss = evaluate(engine, val_windows, cfg)
             log.eval(step, val_loss)
+            watch(forecast, step, val_loss, log)
         interval = cfg.checkpoint.interval
         if interval and (step % interval == 0 or step == cfg.train.steps):
             with beats.phase("save", step):
@@ -334,5 +372,11 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
                          tokens_per_s=mean_tps, mfu=flops_per_token * mean_tps / (peak * env.world_size),
                          incidents=stability.incidents)
     log.event("run_end", steps=summary.steps, tokens=summary.tokens, val_loss=val_loss, wall_s=wall)
+    if forecast is not None:
+        log.event("forecast_outcome", predicted=forecast.final, observed=val_loss)
+        log.print(f"[magenta]{forecast.closing_line(val_loss)}[/]")
+    tasks = score_tasks(cfg, engine, data_dir, device, env, log, beats, step)
     log.close()
+    if is_main:  # after close: the record reads the eval curve back from metrics.jsonl
+        write_record(build_record(cfg, run_dir, data_dir, tasks=tasks), run_dir)
     return summary

@@ -1,0 +1,99 @@
+"""Predictable scaling, end to end on this machine: plan a ladder, run it, fit, predict a held-out run with
+10x the largest ladder budget before it starts, run it, and compare.
+
+    python benchmarks/scaling.py            # 15-run ladder over 3e10..3e11 FLOPs, check run at 3e12
+    python benchmarks/scaling.py --quick    # 9 runs over 1e10..1e11, check at 1e12 (a few minutes)
+
+Models this small are far from Chinchilla's regime: their output layer and attention are most of their
+FLOPs, and their compute-optimal run sees more tokens per parameter, so the sizes centre on 50 tokens per
+non-embedding parameter (keel scale plan --tokens-per-param) rather than Chinchilla's 20.
+
+Every run is a supervised `keel train` run on the embedded Ray (keel scale run), on the embedded corpus
+(this Python's standard library, byte-level). Prints the prediction and its 80% interval (made before the
+check run starts), the observed final loss, the worst error along the eval curve, and the wall times;
+writes the ladder, fit.json, the report (PNG plots, runs.csv, check.csv) and scaling.csv under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the short version (9 runs, check at 1e12)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
+    ap.add_argument("--parallel", type=int, default=2)
+    args = ap.parse_args()
+
+    from keel.launcher.raylaunch import train_on_ray
+    from keel.scaling.fit import fit_points
+    from keel.scaling.forecast import compare, forecast_for, write_forecast
+    from keel.scaling.plan import parse_budgets, plan
+    from keel.scaling.points import load_points
+    from keel.scaling.report import write_report
+    from keel.scaling.runner import QUIET, run_ladder
+    from keel.training.record import read_record
+
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    budgets, sizes = ("1e10:1e11:3", 3) if args.quick else ("3e10:3e11:4", 5)
+    base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled"]
+    ladder = plan(str(ROOT / "configs" / "tiny.yaml"), base, parse_budgets(budgets), sizes=sizes,
+                  output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=50)
+    out.mkdir(parents=True, exist_ok=True)
+    ladder.save(out / "ladder.yaml")
+    fitted = [r for r in ladder.rungs if r.role == "ladder"]
+    check = next(r for r in ladder.rungs if r.role == "check")
+    print(f"ladder: {len(fitted)} runs over {budgets} FLOPs ({sum(r.flops for r in fitted):.3g} in all); check run "
+          f"{check.name}: N {check.params}, D {check.tokens}, {check.flops:.3g} FLOPs", flush=True)
+
+    t0 = time.perf_counter()
+    status = run_ladder(ladder, ("ladder",), parallel=args.parallel)
+    ladder_s = time.perf_counter() - t0
+    failed = [k for k, v in status.items() if v.startswith("failed")]
+    if failed:
+        sys.exit(f"ladder runs failed: {failed}")
+
+    t1 = time.perf_counter()
+    fit = fit_points(load_points([out / "ladder.yaml"]))
+    fit.save(out / "fit.json")
+    fit_s = time.perf_counter() - t1
+    cfg = ladder.config(check)
+    forecast = forecast_for(fit, cfg, str(out / "fit.json"))
+    f = forecast["final"]
+    print(f"prediction before the check run starts: final loss {f['loss']:.4f}, 80% interval [{f['lo']:.4f}, "
+          f"{f['hi']:.4f}] by {f['method']} ({'with' if forecast['curve_law'] else 'without'} the whole curve); "
+          + "; ".join(f"{m} {f[m]['loss']:.4f} [{f[m]['lo']:.4f}, {f[m]['hi']:.4f}]" for m in ("approach3", "frontier")
+                      if m in f), flush=True)
+    path = write_forecast(forecast, out / "runs" / check.name / "forecast.json")
+
+    t2 = time.perf_counter()
+    train_on_ray(ladder.base, [*ladder.run_overrides(check), *QUIET, f"train.forecast={path}"])
+    check_s = time.perf_counter() - t2
+    result = compare(forecast, read_record(out / "runs" / check.name))
+    r = result["final"]
+    print(f"check run: observed {r['observed']:.4f}, predicted {r['predicted']:.4f} ({100 * r['error']:+.2f}%), "
+          f"{'inside' if r['inside'] else 'OUTSIDE'} the 80% interval; worst eval along the curve "
+          f"{100 * result['worst_curve_error']:.2f}% off ({len(result['curve'])} evals)")
+    print(f"wall: ladder {ladder_s:.0f} s, fit {fit_s:.1f} s, check run {check_s:.0f} s, total "
+          f"{ladder_s + fit_s + check_s:.0f} s; the check run used {check.flops / sum(x.flops for x in fitted):.1f}x the "
+          f"ladder's compute")
+    write_report(fit, out / "report", runs=[str(out / "ladder.yaml")], target_flops=check.flops * 3,
+                 check=str(out / "runs" / check.name))
+    with open(out / "scaling.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ladder_runs", "ladder_flops", "check_flops", "method", "predicted", "p10", "p90", "observed", "error",
+                    "inside", "worst_curve_error", "ladder_s", "check_s"])
+        w.writerow([len(fitted), f"{sum(x.flops for x in fitted):.4g}", f"{check.flops:.4g}", f["method"], f"{r['predicted']:.5f}",
+                    f"{r['lo']:.5f}", f"{r['hi']:.5f}", f"{r['observed']:.5f}", f"{r['error']:+.5f}", r["inside"],
+                    f"{result['worst_curve_error']:.5f}", f"{ladder_s:.0f}", f"{check_s:.0f}"])
+    print(f"wrote {out}/ (ladder.yaml, fit.json, report/, scaling.csv)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""`keel scale fit`: every law fitted to one set of runs, saved as fit.json; predictions read it back.
+
+- Approach 3 (scaling/chinchilla.py), L(N, D), with a bootstrap over runs whose replicate fits are kept,
+  so that any later question (a loss at some N and D, at a budget) gets its 10/50/90% interval.
+- Approach 2 (scaling/isoflop.py), N* and D* against C, where the runs form >= 3 budgets of >= 3 sizes.
+- GPT-4's frontier law (scaling/frontier.py), L(C) over exact FLOPs, where there are >= 4 budgets.
+- The loss-curve law (scaling/curve.py) per model size, from the eval curves of that size's runs, and
+  across all sizes with shared dynamics (scaling/shared_curve.py): a planned run gets a predicted loss at
+  every eval, for its own schedule, ending at the scaling law's final forecast.
+- The capability laws (scaling/tasks_fit.py), where the runs scored a task suite (train.tasks).
+
+Runs of one size but different batch sizes meet in the curve law through token-weighted learning rates:
+a step of twice the batch counts as two steps of S1 (and of the annealing area), which holds while the
+batch is below the critical batch size (McCandlish et al. 2018), as a ladder's small batches are.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .agreement import compare_predictions
+from .bootstrap import Interval, bootstrap
+from .chinchilla import _EXPONENT_BOUNDS as EXPONENT_BOUNDS
+from .chinchilla import ChinchillaFit, fit_chinchilla
+from .curve import CurveFit, LossCurve, fit_curve
+from .frontier import fit_frontier
+from .isoflop import IsoFLOPFit, fit_isoflop
+from .plan import LadderError
+from .points import Point
+from .power_law import OffsetPowerLaw
+from .shared_curve import SharedCurveFit, fit_shared_curves
+from .tasks_fit import fit_tasks
+
+REPLICATES = 200
+
+
+@dataclass
+class ScalingFit:
+    points: list[dict]
+    approach3: ChinchillaFit
+    replicates: list[list[float]]            # (E, A, B, alpha, beta) of each converged bootstrap refit
+    approach2: IsoFLOPFit | None = None
+    frontier: OffsetPowerLaw | None = None
+    curves: dict[str, CurveFit] = field(default_factory=dict)   # str(non-embedding params) -> fit
+    curve_batch_tokens: float | None = None  # the batch the curve fits' learning rates are weighted to
+    shared_curve: SharedCurveFit | None = None  # the curve law's dynamics over every size: forecasts use it
+    frontier_replicates: list[list[float]] = field(default_factory=list)  # (a, b, c) of a C^b + c, refitted
+    tasks: dict | None = None                 # capability laws (scaling/tasks_fit.py), when runs scored tasks
+    notes: list[str] = field(default_factory=list)
+
+    # ---- predictions -------------------------------------------------------------------------------
+    def loss(self, n_params: float, n_tokens: float) -> tuple[float, Interval]:
+        """Approach 3's loss at (N, D) and its 10/50/90% bootstrap interval."""
+        r = np.array(self.replicates)
+        values = r[:, 0] + r[:, 1] / n_params ** r[:, 3] + r[:, 2] / n_tokens ** r[:, 4]
+        return float(self.approach3.predict(n_params, n_tokens)), _interval(values)
+
+    def approach3_identified(self) -> bool:
+        """False when an exponent sits at its bound: the runs did not pin the law down (sizes far from the
+        optimum, or shapes whose quality does not follow N), and its extrapolation means little."""
+        lo, hi = EXPONENT_BOUNDS
+        return all(lo * 1.01 < x < hi * 0.99 for x in (self.approach3.alpha, self.approach3.beta))
+
+    def frontier_loss(self, flops: float) -> tuple[float, Interval] | None:
+        if self.frontier is None or not self.frontier_replicates:
+            return None
+        r = np.array(self.frontier_replicates)
+        values = r[:, 2] + r[:, 0] * flops ** r[:, 1]
+        return float(self.frontier.predict(flops)), _interval(values)
+
+    def final(self, n_params: float, n_tokens: float, flops: float) -> dict:
+        """The forecast of a run's final loss: Approach 3 at its N and D when the fit identified the law,
+        else GPT-4's frontier law at its FLOPs (the best loss at that compute: right for a run near the
+        compute-optimal size, optimistic for one far from it). Both are reported; `method` says which."""
+        a3, i3 = self.loss(n_params, n_tokens)
+        out = {"approach3": {"loss": a3, "lo": i3.p10, "hi": i3.p90}}
+        fr = self.frontier_loss(flops)
+        if fr is not None:
+            out["frontier"] = {"loss": fr[0], "lo": fr[1].p10, "hi": fr[1].p90}
+        method = "approach3" if self.approach3_identified() or fr is None else "frontier"
+        out["method"] = method
+        out.update(out[method])
+        return out
+
+    def optimum(self, flops: float) -> dict:
+        """The compute-optimal N and D at `flops` (C = 6ND) by each method, and the loss there."""
+        n3, d3 = (float(x) for x in self.approach3.compute_optimal(flops))
+        out = {"approach3": {"params": n3, "tokens": d3, "loss": self.loss(n3, d3)}}
+        if self.approach2 is not None:
+            n2, d2 = (float(x) for x in self.approach2.compute_optimal(flops))
+            out["approach2"] = {"params": n2, "tokens": d2}
+        if self.frontier is not None:
+            out["frontier"] = {"loss": float(self.frontier.predict(flops))}
+        return out
+
+    def curve_for(self, n_params: float) -> CurveFit | None:
+        return self.curves.get(str(int(n_params)))
+
+    def predict_curve(self, n_params: float, lrs: list[float], batch_tokens: float, steps: list[int],
+                      final: float | None = None):
+        """The loss after each of `steps`: the shared curve law's dynamics for this schedule, ending at
+        `final` (the scaling law's forecast) when given, else on the ladder's own L0 for this size; the
+        per-size law when there is no shared fit. None when there is nothing to predict it with."""
+        if not steps:
+            return None
+        if self.shared_curve is not None:
+            curve = self.shared_curve.predict(lrs, batch_tokens, steps, final=final, n_params=n_params)
+            return None if curve is None else [float(x) for x in curve]
+        fit = self.curve_for(n_params)
+        if fit is None:
+            return None
+        weighted = np.asarray(lrs, float) * batch_tokens / self.curve_batch_tokens
+        return [float(x) for x in fit.predict(weighted, steps)]
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"points": self.points, "approach3": self.approach3.to_dict(), "replicates": self.replicates,
+                "approach2": self.approach2.to_dict() if self.approach2 else None,
+                "frontier": self.frontier.to_dict() if self.frontier else None,
+                "frontier_replicates": self.frontier_replicates,
+                "curves": {k: v.to_dict() for k, v in self.curves.items()},
+                "curve_batch_tokens": self.curve_batch_tokens,
+                "shared_curve": self.shared_curve.to_dict() if self.shared_curve else None,
+                "tasks": self.tasks, "notes": self.notes}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScalingFit":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(points=d["points"], approach3=ChinchillaFit.from_dict(d["approach3"]),
+                       replicates=d["replicates"],
+                       approach2=IsoFLOPFit.from_dict(d["approach2"]) if d.get("approach2") else None,
+                       frontier=OffsetPowerLaw.from_dict(d["frontier"]) if d.get("frontier") else None,
+                       frontier_replicates=d.get("frontier_replicates", []),
+                       curves={k: CurveFit.from_dict(v) for k, v in d.get("curves", {}).items()},
+                       curve_batch_tokens=d.get("curve_batch_tokens"), tasks=d.get("tasks"),
+                       shared_curve=SharedCurveFit.from_dict(d["shared_curve"]) if d.get("shared_curve") else None,
+                       notes=d.get("notes", []))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LadderError(f"{path} is not a fit written by `keel scale fit` ({e})") from None
+
+
+def _interval(values: np.ndarray) -> Interval:
+    return Interval(*(float(q) for q in np.percentile(values, [10, 50, 90])))
+
+
+def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0) -> ScalingFit:
+    if len(points) < 5:
+        raise LadderError(f"{len(points)} runs: Approach 3 has 5 constants and needs more runs than that "
+                          f"(a ladder of >= 12); run more of the ladder")
+    n = np.array([p.params for p in points], float)
+    d = np.array([p.tokens for p in points], float)
+    c = np.array([p.flops for p in points], float)
+    y = np.array([p.loss for p in points], float)
+    main = fit_chinchilla(n, d, y)
+    notes = [] if main.converged else ["approach 3 did not converge: its constants are the best point found"]
+    kept: list[ChinchillaFit] = []
+
+    def refit(idx):
+        f = fit_chinchilla(n[idx], d[idx], y[idx], init=main)
+        if f.converged:
+            kept.append(f)
+        return f
+
+    boot = bootstrap(refit, len(points), {"E": lambda f: f.E}, replicates=replicates, seed=seed)
+    if boot.failed:
+        notes.append(f"{boot.failed} of {replicates} bootstrap refits did not converge and were left out")
+    budgets = np.array([p.budget if p.budget else p.flops for p in points], float)
+    approach2 = frontier = None
+    try:
+        approach2 = fit_isoflop(n, d, y, budgets)
+        outside = [b.compute for b in approach2.budgets if not b.inside]
+        if outside:
+            notes.append(f"approach 2: the optimum of budget(s) {', '.join(f'{b:.2g}' for b in outside)} lies "
+                         f"outside the sizes run there; widen those budgets' sizes")
+    except ValueError as e:
+        notes.append(f"approach 2 not fitted: {e}")
+    frontier_kept: list[OffsetPowerLaw] = []
+    try:
+        frontier = fit_frontier(c, y)
+
+        def refit_frontier(idx):
+            f = fit_frontier(c[idx], y[idx])
+            if f.converged:
+                frontier_kept.append(f)
+            return f
+
+        # Resampled within budgets, so that every replicate still has every budget's frontier point.
+        bootstrap(refit_frontier, len(points), {"offset": lambda f: f.offset}, replicates=replicates, seed=seed,
+                  strata=budgets)
+    except ValueError as e:
+        notes.append(f"frontier law not fitted: {e}")
+    curves, batch = fit_curves(points)
+    shared = fit_shared_curves([p.record for p in points if p.record is not None and len(p.record.eval_curve) >= 4])
+    # Tiny models rarely pass a sampled completion: the exact pass probability keeps every problem in.
+    tasks = fit_tasks([p.record for p in points if p.record is not None], rates="exact")
+    for law, why in (tasks or {}).get("skipped", {}).items():
+        notes.append(f"task law {law} not fitted: {why}")
+    return ScalingFit(points=[{"name": p.name, "params": p.params, "tokens": p.tokens, "flops": p.flops,
+                               "loss": p.loss, "budget": p.budget} for p in points],
+                      approach3=main, replicates=[[f.E, f.A, f.B, f.alpha, f.beta] for f in kept],
+                      approach2=approach2, frontier=frontier,
+                      frontier_replicates=[[f.coefficient, f.exponent, f.offset] for f in frontier_kept],
+                      curves=curves, curve_batch_tokens=batch, shared_curve=shared, tasks=tasks,
+                      notes=notes)
+
+
+def fit_curves(points: list[Point]) -> tuple[dict[str, CurveFit], float | None]:
+    """One curve-law fit per model size, from the eval curves of the runs that recorded them."""
+    records = [p.record for p in points if p.record is not None and len(p.record.eval_curve) >= 4]
+    if not records:
+        return {}, None
+    batch = float(np.median([r.batch_tokens for r in records]))
+    by_size: dict[int, list[LossCurve]] = {}
+    for r in records:
+        # The law describes training under way: leave out the warmup and the first tenth of the run.
+        start = max(r.schedule["warmup_steps"], math.ceil(0.1 * r.schedule["steps"]))
+        evals = [e for e in r.eval_curve if e["step"] >= max(start, 1)]
+        weighted = np.asarray(r.lrs, float) * r.batch_tokens / batch
+        by_size.setdefault(r.non_embedding_params, []).append(
+            LossCurve(weighted, np.array([e["step"] for e in evals]), np.array([e["loss"] for e in evals])))
+    fits = {}
+    for size, curves in by_size.items():
+        try:
+            f = fit_curve(curves)
+        except ValueError:
+            continue  # too few points for this size: it gets no curve, only Approach 3's endpoint
+        if f.converged:
+            fits[str(size)] = f
+    return fits, batch
+
+
+def agreement_at(fit: ScalingFit, flops: float) -> str | None:
+    """Whether Approach 3 and the frontier law agree on the loss at `flops`."""
+    if fit.frontier is None:
+        return None
+    n3, d3 = fit.approach3.compute_optimal(flops)
+    _, a3 = fit.loss(float(n3), float(d3))
+    f = float(fit.frontier.predict(flops))
+    return compare_predictions(f"loss at {flops:.3g} FLOPs",
+                               {"approach 3": a3, "frontier law": Interval(f, f, f)}).message

@@ -1,0 +1,72 @@
+"""Capability forecasts from a ladder's task results (RunRecord.tasks, written by training/tasks.py).
+
+Two laws over the runs' training FLOPs (scaling/capability.py has the fitters and the papers):
+- GPT-4's: -E_P[log pass_rate(C)] = alpha C^(-k), over the problems every run passes at least sometimes;
+- Llama 3's two steps: C -> mean answer NLL (power law with offset) -> mean pass rate (sigmoid).
+
+`fit_tasks` raises (ValueError, one line) only when the records cannot be fitted together: scored on
+different suites or at different temperatures. When the records are consistent but a law cannot be fitted
+from them (too few runs, no problem passed by every run, every run saturated) that law is None and
+`skipped` says why; the other law may still be there. It returns None when no record carries tasks.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ..training.record import RunRecord
+from .capability import CapabilityFit, TwoStepFit, fit_capability, fit_two_step, solved_problems
+
+
+def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sampled") -> dict | None:
+    """Fit both laws to the records that carry tasks. `rates`: the per-problem pass rates GPT-4's law is
+    fitted to, "sampled" (the fraction of samples that passed, as GPT-4 did) or "exact" (the probability
+    that a sample passes, never 0, so every problem counts; training/tasks.py computes both)."""
+    scored = [r for r in records if r.tasks]
+    if not scored:
+        return None
+    suites = sorted({r.tasks["suite"] for r in scored})
+    if len(suites) > 1:
+        raise ValueError(f"the records were scored on {len(suites)} different task suites ({', '.join(suites)}): "
+                         "fit records of one suite at a time (train.tasks and the corpus must match)")
+    temperatures = sorted({r.tasks["temperature"] for r in scored})
+    if len(temperatures) > 1:
+        raise ValueError(f"the records were sampled at temperatures {temperatures}: pass rates at different "
+                         "temperatures do not lie on one law; fit records of one temperature at a time")
+    key = {"sampled": "pass_rate", "exact": "pass_prob"}[rates]
+    compute = np.array([r.flops for r in scored], float)
+    per_problem = np.array([r.tasks["per_problem"][key] for r in scored], float)
+    nll = np.array([r.tasks["answer_nll"] for r in scored], float)
+    pass_rate = np.array([r.tasks["pass_rate"] for r in scored], float)
+    out = {"suite": suites[0], "runs": len(scored), "problems": per_problem.shape[1], "rates": rates,
+           "temperature": temperatures[0], "capability": None, "two_step": None, "skipped": {}}
+    try:
+        out["solved_problems"] = int(solved_problems(per_problem).sum())
+        out["capability"] = fit_capability(compute, per_problem).to_dict()
+    except ValueError as e:  # the fitters' one-line reasons: too few runs, nothing solved by all, saturated
+        out["skipped"]["capability"] = str(e)
+    try:
+        out["two_step"] = fit_two_step(compute, nll, pass_rate).to_dict()
+    except ValueError as e:
+        out["skipped"]["two_step"] = str(e)
+    return out
+
+
+def predict_tasks(fit: dict, flops) -> dict:
+    """At `flops` (a number or an array): `answer_nll` and `pass_rate` (the mean over the whole suite) from
+    Llama 3's two steps, `solved_pass_rate` (the geometric-mean pass rate over the problems GPT-4's law was
+    fitted on) from GPT-4's; None for a law that was not fitted."""
+    out: dict = {"answer_nll": None, "pass_rate": None, "solved_pass_rate": None}
+    if fit.get("two_step") is not None:
+        law = TwoStepFit.from_dict(fit["two_step"])
+        out["answer_nll"] = _plain(law.nll.predict(flops))
+        out["pass_rate"] = _plain(law.predict(flops))
+    if fit.get("capability") is not None:
+        out["solved_pass_rate"] = _plain(CapabilityFit.from_dict(fit["capability"]).predict_pass_rate(flops))
+    return out
+
+
+def _plain(x):
+    x = np.asarray(x, float)
+    return float(x) if x.ndim == 0 else x.tolist()
