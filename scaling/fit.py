@@ -16,7 +16,6 @@ batch is below the critical batch size (McCandlish et al. 2018), as a ladder's s
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from .isoflop import IsoFLOPFit, fit_isoflop
 from .plan import LadderError
 from .points import Point
 from .power_law import OffsetPowerLaw
-from .shared_curve import SharedCurveFit, fit_shared_curves
+from .shared_curve import SharedCurveFit, fit_shared_curves, fitted_evals, weighted_lrs
 from .tasks_fit import fit_tasks
 
 REPLICATES = 200
@@ -220,10 +219,8 @@ def fit_curves(points: list[Point]) -> tuple[dict[str, CurveFit], float | None]:
     batch = float(np.median([r.batch_tokens for r in records]))
     by_size: dict[int, list[LossCurve]] = {}
     for r in records:
-        # The law describes training under way: leave out the warmup and the first tenth of the run.
-        start = max(r.schedule["warmup_steps"], math.ceil(0.1 * r.schedule["steps"]))
-        evals = [e for e in r.eval_curve if e["step"] >= max(start, 1)]
-        weighted = np.asarray(r.lrs, float) * r.batch_tokens / batch
+        evals = fitted_evals(r)
+        weighted = weighted_lrs(r, batch)
         by_size.setdefault(r.non_embedding_params, []).append(
             LossCurve(weighted, np.array([e["step"] for e in evals]), np.array([e["loss"] for e in evals])))
     fits = {}

@@ -26,6 +26,18 @@ from .curve import DECAY, schedule_areas
 from .serial import field_values, to_plain
 
 
+def fitted_evals(record: RunRecord) -> list[dict]:
+    """The evals the curve law is fitted to: after the warmup and the first tenth of the run, when
+    training is under way (the law does not describe the first steps)."""
+    start = max(record.schedule["warmup_steps"], math.ceil(0.1 * record.schedule["steps"]), 1)
+    return [e for e in record.eval_curve if e["step"] >= start]
+
+
+def weighted_lrs(record: RunRecord, batch_tokens: float) -> np.ndarray:
+    """The run's learning rates, token-weighted to a reference batch (see scaling/fit.py)."""
+    return np.asarray(record.lrs, float) * record.batch_tokens / batch_tokens
+
+
 @dataclass
 class SharedCurveFit:
     a: float
@@ -68,9 +80,8 @@ def fit_shared_curves(records: list[RunRecord], delta: float = 1e-3) -> SharedCu
     sizes = sorted({r.non_embedding_params for r in records})
     k, s1, s2, y = [], [], [], []
     for r in records:
-        a1, a2 = schedule_areas(np.asarray(r.lrs, float) * r.batch_tokens / batch)
-        start = max(r.schedule["warmup_steps"], math.ceil(0.1 * r.schedule["steps"]), 1)
-        evals = [e for e in r.eval_curve if e["step"] >= start]
+        a1, a2 = schedule_areas(weighted_lrs(r, batch))
+        evals = fitted_evals(r)
         idx = np.array([e["step"] for e in evals], int) - 1
         k.append(np.full(len(evals), sizes.index(r.non_embedding_params)))
         s1.append(a1[idx])
