@@ -167,6 +167,29 @@ def test_retention_keeps_the_last_k_and_every_mth(tiny_config):
     assert names == ["step_0000010", "step_0000020", "step_0000025", "step_0000030"]
 
 
+def test_a_save_hashes_its_shards_as_it_writes_them_and_retention_hides_what_it_deletes(tiny_config, monkeypatch):
+    # The manifest's checksums of the DCP shards come from the bytes on their way to the file: the save
+    # reads back only the small files written outside DCP (RNG, trainer.json, .metadata). Retention renames
+    # what it drops at once, so no resume can choose a half-deleted folder, and deletes it behind training.
+    from keel.checkpoints import manifest as mf
+    from keel.checkpoints.manager import Checkpointer
+    from keel.training.engine import LocalEngine
+
+    read_back, real_checksum = [], mf.checksum
+    monkeypatch.setattr(mf, "checksum", lambda path: read_back.append(Path(path).name) or real_checksum(path))
+    cfg = tiny_config("checkpoint.async_save=false", "checkpoint.keep_last=1")
+    folder = Path(cfg.train.output_dir) / "ckpt"
+    saver = Checkpointer(cfg, folder, 0, 1, {})
+    engine = LocalEngine(cfg, torch.device("cpu"))
+    saver.save(1, engine, {"step": 1})
+    saver.save(2, engine, {"step": 2})
+    assert [p.name for p in folder.iterdir() if p.name.startswith("step_0000001")] in ([], ["step_0000001.deleting"])
+    assert [e.step for e in mf.entries(folder)] == [2]
+    saver.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0000002"]
+    assert not [n for n in read_back if n.endswith(".distcp")], read_back
+    assert mf.problems(folder / "step_0000002", deep=True) == []  # the streamed checksums are the files'
+
 def test_finished_run_is_not_trained_again_and_resume_never_starts_afresh(tiny_config):
     from keel.training.loop import train
 
