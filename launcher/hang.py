@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 
 RECENT = 50
 PHASES = ("eval", "save", "restore")
+# A rank silent this long (or twice its slowest recent step) has its process state looked at: a stopped
+# process (SIGSTOP, a suspended job) is a hang now, not after the limit. In the chaos soak a frozen rank
+# otherwise cost the whole 30 s floor of the limit.
+FROZEN_CHECK_MIN_S = 5.0
 
 
 @dataclass
@@ -106,6 +110,12 @@ class HangClock:
             if now - c.last > limit:
                 return rank, now - c.last, how
         return None
+
+    def suspects(self, now: float, done: set[int]) -> list[int]:
+        """The ranks silent for longer than a step should ever take (FROZEN_CHECK_MIN_S, or twice the slowest
+        recent step): worth asking whether their process is stopped, long before the hang limit."""
+        after = max(FROZEN_CHECK_MIN_S, 2 * max(self.step_s, default=0.0))
+        return [r for r, c in enumerate(self.clocks) if r not in done and now - c.last > after]
 
     def silent(self, now: float, done: set[int]) -> list[int]:
         """The ranks silent for more than half their limit: all of them when one hangs a collective."""

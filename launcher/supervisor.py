@@ -30,6 +30,8 @@ from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity, node
 from .hang import HangClock
 
 POLL_S = 0.2
+# How often the process states of silent ranks are asked for (a frozen rank is a hang at once).
+STATE_CHECK_S = 1.0
 # How long blame waits for the cause when every failure seen so far is the echo of another rank's.
 ECHO_WAIT_S = 10.0
 # On a multi-node cluster, how long an actor death may wait for its node to be declared dead.
@@ -211,7 +213,7 @@ class Supervisor:
             if rank == 0:
                 attempt.steps.extend(b for b in beats if b.get("phase", "step") == "step")
 
-        next_poll = time.time()
+        next_poll = next_state_check = time.time()
         while True:
             # At most one round of polls per POLL_S: an actor answers a heartbeat poll at once, with or without
             # news, so an unpaced loop spins on Ray calls. Measured on 2 cores: the driver and the rank's actor
@@ -248,6 +250,15 @@ class Supervisor:
                     pass
                 return done[0]
             now = time.time()
+            if now >= next_state_check and (suspects := clock.suspects(now, set(done))):
+                next_state_check = now + STATE_CHECK_S
+                frozen = self._frozen(group)
+                if frozen is not None:
+                    c = clock.clocks[frozen]
+                    detail = (f"rank {frozen}'s training process is stopped (SIGSTOP?); no progress for "
+                              f"{now - c.last:.1f}s after step {c.step}; ranks {', '.join(map(str, suspects))} silent")
+                    attempt.failure = Failure("hang", detail, frozen, now, clock.newest_step)
+                    return None
             if stalled := clock.stalled(now, set(done)):
                 rank, silent, how = stalled
                 c = clock.clocks[rank]

@@ -8,9 +8,17 @@ nearest its expected optimum, from a Chinchilla prior (D = 20 N tokens); the fit
 decide where the optimum is. The prior counts the budget in exact FLOPs (see expected_optimum).
 
 Hyperparameters follow DeepSeek LLM's compute rules (Bi et al. 2024, eq. 1), fitted on their IsoFLOP
-sweeps: peak learning rate 0.3118 C^-0.125 and batch 0.2920 C^0.3271 tokens, here rounded to a power of two
-of sequences. The schedule is the base config's cosine (its horizon is every run's own length, as
-Hoffmann et al. require) with a 10% warmup; every run evaluates the same held-out windows.
+sweeps: peak learning rate 0.3118 C^-0.125 and batch 0.2920 C^0.3271 tokens, both for the compute-optimal
+model at C. Both are taken at one reference point, the ladder's geometric middle budget and the width of
+its expected optimum, and carried from there: the rate along C by DeepSeek's exponent, and across widths by
+muP's rule for Adam's hidden weights (Yang et al. 2022, Tensor Programs V, table 3: lr ~ 1/fan_in), so that
+no size runs at a rate tuned for another (with one rate per budget, the larger sizes of this machine's
+first ladder ran 5% worse than at a quarter of it). The batch, as a power of two of sequences, serves the
+whole ladder and its check run: a batch that doubles between two budgets halves the steps of the runs
+past it and bends the compute frontier there (it did, at the last budget of that first ladder). The rate
+is then a smooth function of (C, width); an optimum re-taken at each budget would move it in jumps. The schedule is the base config's cosine (its horizon
+is every run's own length, as Hoffmann et al. require) with a 10% warmup; every run evaluates the same
+held-out windows.
 """
 from __future__ import annotations
 
@@ -160,6 +168,9 @@ def plan(base: str | None, base_overrides: list[str], budgets: list[float], size
     grid_exponent = lambda n: math.log(n) / math.log(size_step)  # noqa: E731 - a one-line change of base
     ladder = Ladder(base, list(base_overrides), output_dir, target_flops)
     roles = [(b, "ladder") for b in budgets] + ([(max(budgets) * check_factor, "check")] if check_factor else [])
+    middle = math.exp(sum(math.log(b) for b in budgets) / len(budgets))
+    batch = 2 ** round(math.log2(max(deepseek_batch_tokens(middle) / T, 1)))
+    reference_dim = shape_for(expected_optimum(middle, tokens_per_param, cfg.model, T), cfg.model)[0]
     for budget, role in roles:
         k = round(grid_exponent(expected_optimum(budget, tokens_per_param, cfg.model, T)))
         if role == "check":  # a size the ladder ran, so that its whole curve can be predicted too
@@ -168,7 +179,7 @@ def plan(base: str | None, base_overrides: list[str], budgets: list[float], size
         # Sizes below the smallest shape collapse onto it: the window then slides up to stay `sizes` wide.
         j, wanted, taken = k - (sizes - 1) // 2 if role == "ladder" else k, 1 if role == "check" else sizes, 0
         while taken < wanted:
-            rung = _rung(budget, role, size_step ** j, cfg, T, name)
+            rung = _rung(budget, role, size_step ** j, cfg, T, name, batch, reference_dim)
             j += 1
             if rung is None:  # too big to see MIN_STEPS steps at this budget, and so is every larger size
                 break
@@ -195,12 +206,18 @@ def expected_optimum(budget: float, tokens_per_param: float, base: ModelConfig, 
     return math.exp(lo)
 
 
-def _rung(budget: float, role: str, target_params: float, cfg: Config, T: int, prefix: str) -> Rung | None:
+def size_aware_lr(budget: float, dim: int, reference_dim: int) -> float:
+    """DeepSeek's rate at `budget` for a model of width reference_dim, moved to width `dim` by muP's
+    1/width rule for Adam."""
+    return deepseek_lr(budget) * reference_dim / dim
+
+
+def _rung(budget: float, role: str, target_params: float, cfg: Config, T: int, prefix: str, batch: int,
+          reference_dim: int) -> Rung | None:
     dim, layers, heads = shape_for(target_params, cfg.model)
     m = model_config(dim, layers, cfg.model)
     per_token = training_flops_per_token(m, T)
     tokens = budget / per_token
-    batch = 2 ** round(math.log2(max(deepseek_batch_tokens(budget) / T, 1)))
     while batch > 1 and tokens / (batch * T) < MIN_STEPS:
         batch //= 2
     steps = round(tokens / (batch * T))
@@ -210,7 +227,7 @@ def _rung(budget: float, role: str, target_params: float, cfg: Config, T: int, p
     tag = "-check" if role == "check" else ""
     return Rung(name=f"{prefix}{tag}-c{budget:.2g}-n{n / 1e3:.0f}k".replace("+", ""), budget=budget, role=role,
                 dim=dim, n_layers=layers, n_heads=heads, steps=steps, global_batch_size=batch, eval_batches=1,
-                warmup_steps=max(1, round(0.1 * steps)), lr=round(deepseek_lr(budget), 6), params=n,
+                warmup_steps=max(1, round(0.1 * steps)), lr=round(size_aware_lr(budget, dim, reference_dim), 6), params=n,
                 tokens=steps * batch * T, flops=per_token * steps * batch * T)
 
 

@@ -40,12 +40,18 @@ def test_each_budget_gets_at_least_three_sizes_at_its_flops_and_sizes_recur_acro
     assert any(sizes.count(n) >= 3 for n in sizes)  # one size at several budgets: curves of several lengths
 
 
-def test_learning_rate_falls_and_batch_grows_with_compute_per_the_deepseek_rule(ladder):
-    by_budget = {r.budget: r for r in ladder.rungs if r.role == "ladder"}
-    budgets = sorted(by_budget)
-    lrs = [by_budget[b].lr for b in budgets]
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(0.3118 * budgets[0] ** -0.125, rel=1e-4)
-    assert by_budget[budgets[-1]].global_batch_size >= by_budget[budgets[0]].global_batch_size
+def test_learning_rate_follows_deepseek_in_compute_and_one_over_width_across_sizes_with_one_batch(ladder):
+    # DeepSeek's rules, taken at the ladder's middle budget and the width of its expected optimum, carried
+    # along C by DeepSeek's exponent and across widths by muP (lr x width / C^-0.125 is one constant for
+    # every run, the check run included). One batch for every run: no batch jump bends the frontier.
+    references = {r.lr * r.dim / (0.3118 * r.budget ** -0.125) for r in ladder.rungs}
+    assert max(references) == pytest.approx(min(references), rel=1e-3)
+    reference = min(references)
+    assert round(reference) % 8 == 0 and reference == pytest.approx(round(reference), rel=1e-3)  # a width
+    assert min(r.dim for r in ladder.rungs) <= reference <= max(r.dim for r in ladder.rungs)
+    assert len({r.global_batch_size for r in ladder.rungs}) == 1
+    middle = (1e11 * 1e12) ** 0.5
+    assert ladder.rungs[0].global_batch_size * 64 == pytest.approx(0.2920 * middle ** 0.3271, rel=0.5)
 
 
 def test_every_run_scores_the_same_held_out_windows_and_the_check_run_is_ten_times_the_largest(ladder):
