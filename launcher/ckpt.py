@@ -17,14 +17,15 @@ def _size(path: Path) -> int:
 
 
 def cmd_ls(args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     folder = _folder(Path(args.run_dir))
     found = mf.entries(folder)
     if not found:
         print(f"no checkpoints under {folder}")
         return
+    # Only with a table to draw: an empty folder is answered without loading rich.
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=str(folder), title_justify="left")
     for col in ("step", "tokens", "size", "layout", "ranks", "status"):
         table.add_column(col, justify="right" if col in ("step", "tokens", "size", "ranks") else "left")

@@ -143,8 +143,6 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
 def job_client(address: str | None):
     """A Ray Jobs client for the dashboard at `address` (http://HOST:8265), with a clear error if it
     cannot be reached or refuses our token."""
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_JOBS_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise LauncherError("no cluster given: pass --address http://HOST:8265 (the head's dashboard) or set "
@@ -154,8 +152,10 @@ def job_client(address: str | None):
     parsed = urlparse(address)
     if parsed.scheme in ("http", "https"):
         check_reachable(f"{parsed.hostname}:{parsed.port or 8265}")
+    # Ray only now, past the checks: a missing or unreachable cluster is said without its ~0.6 s import.
     use_token_if_available()
     import ray
+    from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)

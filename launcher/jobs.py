@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..training.config import load_config
 from .cluster import LauncherError, auth_message, connect, job_client
-from .raylaunch import validate, world_size_of
 
 # What never travels with a job: environments, VCS data, earlier runs' outputs and build products.
 EXCLUDES = [".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", "build", "*.pt", "wandb"]
@@ -46,6 +44,10 @@ def _call(fn, address: str):
 def submit(config: str, overrides: list[str], address: str | None, train_args: list[str],
            working_dir: str = ".", python: str = "python", nproc_per_node: int | None = None,
            nnodes: int = 1) -> str:
+    # Here rather than at the top: status, logs, stop and list never read a config.
+    from ..training.config import load_config
+    from .raylaunch import validate, world_size_of
+
     cfg = load_config(config, overrides)  # a bad config never reaches the cluster
     validate(cfg, world_size_of(cfg, nproc_per_node, nnodes), nnodes)
     wd = Path(working_dir).resolve()

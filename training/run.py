@@ -5,6 +5,7 @@ Shared by `keel train` and `python -m keel.training` (which is what torchrun sta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -14,18 +15,22 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+# Where each user error is defined, relative to this package.
+USER_ERRORS = ((".config", "ConfigError"), (".corpus", "DataError"), ("..parallel.dims", "LayoutError"),
+               ("..checkpoints.manager", "CheckpointError"), (".stability", "StabilityError"))
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by what the user asked for: shown as one line, no traceback unless --debug, and never
-    retried by the supervisor (a restart would only repeat them). The one list of them. Imported when
-    asked, so that commands which never train (and `keel train` on Ray, whose driver only validates and
-    supervises) start without importing torch."""
-    from ..checkpoints.manager import CheckpointError
-    from ..parallel.dims import LayoutError
-    from .config import ConfigError
-    from .corpus import DataError
-    from .stability import StabilityError
+    retried by the supervisor (a restart would only repeat them). The one list of them.
 
-    return ConfigError, DataError, LayoutError, CheckpointError, StabilityError
+    Only those whose module is already loaded: an exception of a class never defined cannot have been
+    raised, and importing them all to ask would load torch (checkpoints/) and numpy (the corpus) into every
+    command that fails, `keel list` with no cluster included, and into `keel train` on Ray, whose driver
+    only validates and supervises."""
+    loaded = ((sys.modules.get(importlib.util.resolve_name(module, __package__)), name)
+              for module, name in USER_ERRORS)
+    return tuple(getattr(module, name) for module, name in loaded if module is not None)
 
 
 def guarded(fn: Callable[[], T], debug: bool = False) -> T:
