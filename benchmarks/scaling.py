@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the short version (9 runs, check at 1e12)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--budgets", default=None, help="the ladder's budgets, LOW:HIGH:COUNT (default 5e10:5e11:4; "
+                    "--quick 1e10:1e11:3): another ladder to check the method on")
     args = ap.parse_args()
 
     from keel.launcher.raylaunch import train_on_ray
@@ -41,8 +43,9 @@ def main() -> None:
     from keel.scaling.runner import QUIET, run_ladder
     from keel.training.record import read_record
 
-    out = Path(args.out) / ("quick" if args.quick else "full")
     budgets, sizes = ("1e10:1e11:3", 3) if args.quick else ("5e10:5e11:4", 5)
+    budgets = args.budgets or budgets
+    out = Path(args.out) / ("quick" if args.quick else "full") / budgets.replace(":", "_")
     base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled"]
     ladder = plan(str(ROOT / "configs" / "tiny.yaml"), base, parse_budgets(budgets), sizes=sizes,
                   output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=100)

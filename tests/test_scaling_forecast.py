@@ -64,10 +64,12 @@ def scaling_fit(alpha):
                       frontier_replicates=[[0.5 * 1e12 ** 0.1, -0.1, 1.0]] * 20)
 
 
-def test_the_final_forecast_is_approach_3_unless_its_exponents_sit_on_their_bounds():
+def test_the_final_forecast_is_approach_3_unless_its_exponents_leave_the_published_band():
     identified = scaling_fit(0.35).final(1e5, 1e7, 1e13)
     assert identified["method"] == "approach3"
     assert identified["loss"] == pytest.approx(1.5 + 50 / 1e5 ** 0.35 + 500 / 1e7 ** 0.3)
-    pinned = scaling_fit(3.0).final(1e5, 1e7, 1e13)  # alpha at its upper bound: N did not pin the law down
-    assert pinned["method"] == "frontier" and pinned["loss"] == pytest.approx(1.0 + 0.5 * 10 ** -0.1)
-    assert pinned["approach3"]["loss"] != pinned["loss"]  # both are kept for the report
+    # alpha at its upper bound, or at 2.1 (a fit this machine's ladder gave): N did not pin the law down
+    for alpha in (3.0, 2.1, 0.01):
+        pinned = scaling_fit(alpha).final(1e5, 1e7, 1e13)
+        assert pinned["method"] == "frontier" and pinned["loss"] == pytest.approx(1.0 + 0.5 * 10 ** -0.1)
+        assert pinned["approach3"]["loss"] != pinned["loss"]  # both are kept for the report
