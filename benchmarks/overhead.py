@@ -68,13 +68,19 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(tempfile.mkdtemp(prefix="keel-overhead-"))
-    cfg = load_config(ROOT / "configs" / "tiny.yaml",
-                      [f"train.steps={args.steps}", "train.eval_every=0", "train.eval_batches=1",
-                       f"train.output_dir={out}", "train.name=overhead", *args.overrides])
+
+    def config(name: str):
+        return load_config(ROOT / "configs" / "tiny.yaml",
+                           [f"train.steps={args.steps}", "train.eval_every=0", "train.eval_batches=1",
+                            f"train.output_dir={out}", f"train.name={name}", *args.overrides])
+
+    cfg = config("overhead")
     data_dir = resolve_data(cfg)
     keel_tps, bare_tps = [], []
     for r in range(args.rounds):
-        keel_tps.append(train(cfg).tokens_per_s)
+        # A run directory per round: tiny.yaml checkpoints its last step, and a second round in the same
+        # folder would resume the finished run and train nothing (its tokens/s was NaN).
+        keel_tps.append(train(config(f"overhead-r{r + 1}")).tokens_per_s)
         bare_tps.append(bare_loop(cfg, data_dir))
         print(f"round {r + 1}: keel {keel_tps[-1]:,.0f} tok/s, bare {bare_tps[-1]:,.0f} tok/s")
     keel_med, bare_med = statistics.median(keel_tps), statistics.median(bare_tps)

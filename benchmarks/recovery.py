@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,18 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from keel.launcher.local import free_port
+from keel.training.presets import TEST_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
-        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=40",
-        "train.eval_every=0", "train.eval_batches=2", "schedule.warmup_steps=5", "optim.lr=3e-3",
-        "logging.wandb.mode=disabled", "logging.progress=false", "logging.log_every=1000", "train.cpu_threads=1",
-        "parallel.dp_shard=2", "checkpoint.interval=5"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TINY = [*TEST_MODEL, "train.micro_batch_size=4", "train.steps=40", "parallel.dp_shard=2", "checkpoint.interval=5"]
 
 
 def measure(run_dir: Path, fault_step: int) -> dict:

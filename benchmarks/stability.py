@@ -25,15 +25,13 @@ from pathlib import Path
 
 from keel.training.config import load_config
 from keel.training.loop import train
+from keel.training.presets import TEST_MODEL
 from keel.training.stability import Stabilizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0]
-# The test-sized model of tests/conftest.py: 500 steps in seconds.
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
-        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=8", "train.eval_every=0",
-        "train.eval_batches=2", "schedule.warmup_steps=5", "optim.lr=3e-3", "logging.wandb.mode=disabled",
-        "logging.progress=false", "logging.log_every=100000", "train.cpu_threads=1"]
+# The test-sized model (training/presets.py): 500 steps in seconds.
+TINY = [*TEST_MODEL, "logging.log_every=100000"]
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:

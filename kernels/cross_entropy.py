@@ -13,7 +13,7 @@ by the upstream gradient. The price: both gradients are computed even for a forw
 runs (so eval, under no_grad, skips them), and `retain_graph` double backwards are refused.
 
 Implementations (`impl`):
-  unfused  logits = hidden @ W^T in fp32, then cross-entropy (training/loss.py's lm_loss); the baseline.
+  unfused  logits = hidden @ W^T in fp32, then cross_entropy_from_logits (training/loss.py's lm_loss too).
   chunked  the chunked algorithm in PyTorch (per-chunk softmax and gradient in place in the logits buffer).
   triton   the same chunks, the softmax / loss / gradient of each chunk one Triton kernel over vocabulary
            blocks with an online logsumexp (kernels/triton_cross_entropy.py); runs under TRITON_INTERPRET=1.
@@ -138,14 +138,22 @@ def fused_linear_cross_entropy(hidden_ND: torch.Tensor, weight_VD: torch.Tensor,
                                                 int(ignore_index), int(chunk_size), rows, need_h, need_w)
 
 
-def _unfused(hidden_ND, weight_VD, targets_N, z_loss, ignore_index):
-    logits_NV = hidden_ND.float() @ weight_VD.float().t()
+def cross_entropy_from_logits(logits_NV: torch.Tensor, targets_N: torch.Tensor, z_loss: float = 0.0,
+                              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, cross-entropy to report) from full logits, in fp32: the unfused loss, and the
+    reference every chunked path is held to. Both are means over the tokens whose target is not
+    `ignore_index`, z-loss included (an ignored token has no prediction to keep in check)."""
+    logits_NV = logits_NV.float()
     ce = F.cross_entropy(logits_NV, targets_N, ignore_index=ignore_index)
     if z_loss == 0.0:
         return ce, ce.detach()
     valid_N = targets_N != ignore_index
     log_z_N = torch.logsumexp(logits_NV, dim=-1)
     return ce + z_loss * log_z_N[valid_N].pow(2).mean(), ce.detach()
+
+
+def _unfused(hidden_ND, weight_VD, targets_N, z_loss, ignore_index):
+    return cross_entropy_from_logits(hidden_ND.float() @ weight_VD.float().t(), targets_N, z_loss, ignore_index)
 
 
 def _liger(hidden_ND, weight_VD, targets_N, z_loss, ignore_index):

@@ -11,7 +11,7 @@ from ..training.flops import count_params, memory_per_device, training_flops_per
 
 def print_estimate(cfg: Config, world_size: int) -> None:
     m, T, p = cfg.model, cfg.data.seq_len, cfg.parallel
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    dims = ParallelDims.of(p, world_size)
     check_layout(cfg, dims)
     params = count_params(m)
     fpt = training_flops_per_token(m, T)

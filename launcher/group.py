@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .cluster import LauncherError
+from .local import free_port
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,7 @@ class RankWorker:
     def free_port(self) -> int:
         # Free on the address rank 0's store will bind (MASTER_ADDR = this node's address, as where()
         # reports it; 127.0.0.1 for the embedded Ray), and no wider, not even for a moment.
-        ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
-            s.bind((ip, 0))
-            return s.getsockname()[1]
+        return free_port(ray.util.get_node_ip_address())
 
     def run(self, cfg, master_addr: str, master_port: int, attempt: int) -> dict:
         """Train in a fresh child process until it finishes (its summary), fails (its exception is re-raised
@@ -260,7 +257,7 @@ def _train_process(cfg, env: dict, args: RankEnvArgs, send) -> None:
     send.send(("done", {"rank": args.rank, "final_loss": summary.final_loss, "val_loss": summary.val_loss,
                         "first_val_loss": summary.first_val_loss, "steps": summary.steps, "tokens": summary.tokens,
                         "wall_s": summary.wall_s, "tokens_per_s": summary.tokens_per_s, "mfu": summary.mfu,
-                        "run_dir": str(summary.run_dir)}))
+                        "run_dir": str(summary.run_dir), "incidents": summary.incidents}))
 
 
 def _die_with_parent(name: str) -> None:

@@ -12,16 +12,16 @@ from ..parallel.dims import ParallelDims, check_layout
 from ..training.config import load_config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now: found by binding there, and no wider (never on every interface)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def run_torchrun(config: str, overrides: list[str], nproc: int) -> int:
     cfg = load_config(config, overrides)
-    p = cfg.parallel
-    check_layout(cfg, ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, nproc))
+    check_layout(cfg, ParallelDims.of(cfg.parallel, nproc))
     sets = [arg for item in overrides for arg in ("--set", item)]
     # Rendezvous on loopback: a single-machine run has no reason to listen on a public interface.
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",

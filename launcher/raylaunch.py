@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from ..training.config import Config, load_config
+from ..training.run import summary_line
 from .cluster import LauncherError, connect
 
 
@@ -29,7 +30,7 @@ def validate(cfg: Config, world_size: int, nnodes: int) -> ParallelDims:
     if world_size % nnodes:
         raise LayoutError(f"{world_size} processes do not split evenly over --nnodes {nnodes}")
     p = cfg.parallel
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    dims = ParallelDims.of(p, world_size)
     check_layout(cfg, dims)
     per_node = world_size // nnodes
     if nnodes > 1 and per_node % dims.tp:
@@ -80,8 +81,7 @@ def train_on_ray(config: str | None, overrides: list[str], nproc_per_node: int |
         sup = Supervisor(cfg, plan, os.getcwd(), env_vars)
         out = sup.run()
         s = out["summary"]
-        print(f"done: {s['steps']} steps, {s['tokens'] / 1e6:.2f}M tokens; final loss {s['final_loss']:.4f}, val loss "
-              f"{s['first_val_loss']:.3f} -> {s['val_loss']:.3f} nats/token; run dir {s['run_dir']}", flush=True)
+        print(summary_line(s), flush=True)
         print(goodput_line(out["goodput"]), flush=True)
         return out
     finally:

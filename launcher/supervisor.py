@@ -414,14 +414,14 @@ def elastic_layout(cfg, world_size: int, new_world_size: int):
     dp_shard kept while it still divides the replicas left, so a hybrid run stays hybrid). Raises
     LayoutError when no such layout exists or the global batch does not split over it."""
     p = cfg.parallel
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    dims = ParallelDims.of(p, world_size)
     if new_world_size % (dims.tp * dims.pp):
         raise LayoutError(f"{new_world_size} processes do not hold whole tp={dims.tp} x pp={dims.pp} groups")
     dp = new_world_size // (dims.tp * dims.pp)
     shard = dims.dp_shard if dp % dims.dp_shard == 0 else dp
     new = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp_replicate=dp // shard, dp_shard=shard,
                                                                 tp=dims.tp, pp=dims.pp))
-    check_layout(new, ParallelDims.resolve(dp // shard, shard, dims.tp, dims.pp, new_world_size))
+    check_layout(new, ParallelDims.of(new.parallel, new_world_size))
     return new
 
 

@@ -17,6 +17,12 @@ class ParallelDims:
     world_size: int
 
     @classmethod
+    def of(cls, parallel, world_size: int) -> "ParallelDims":
+        """The degrees a config's `parallel` section asks for (any object with dp_replicate, dp_shard, tp
+        and pp), resolved for `world_size` processes."""
+        return cls.resolve(parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.pp, world_size)
+
+    @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, pp: int, world_size: int) -> "ParallelDims":
         """Fill the one degree given as -1 with what the others leave of the world size, then check."""
         degrees = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": tp, "pp": pp}

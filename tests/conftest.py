@@ -19,6 +19,7 @@ import pytest
 
 from keel.training.config import load_config
 from keel.training.corpus import prepare, stdlib_path
+from keel.training.presets import TEST_MODEL
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -36,12 +37,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     return out
 
 
-TINY = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
-    "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=8", "train.steps=30",
-    "train.eval_every=0", "train.eval_batches=2", "schedule.warmup_steps=5", "optim.lr=3e-3",
-    "logging.wandb.mode=disabled", "logging.progress=false", "logging.log_every=1000", "train.cpu_threads=1",
-]
+TINY = TEST_MODEL
 
 
 @pytest.fixture

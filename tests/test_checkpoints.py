@@ -7,13 +7,14 @@ at exact steps.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from keel.launcher.local import free_port
 
 ROOT = Path(__file__).parent.parent
 KEEL = [sys.executable, "-m", "keel.launcher.cli"]
@@ -35,12 +36,6 @@ def keel_train(out: Path, name: str, overrides: list[str], nproc: int = 1,
     args = [*launch, "-m", "keel.training", "configs/tiny.yaml", *[a for item in items for a in ("--set", item)]]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

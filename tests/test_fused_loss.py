@@ -101,8 +101,7 @@ def test_model_forward_with_targets_gives_lm_loss_and_its_gradients(tie):
 
 def layout(world_size, *overrides):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", list(overrides))
-    p = cfg.parallel
-    check_layout(cfg, ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size))
+    check_layout(cfg, ParallelDims.of(cfg.parallel, world_size))
 
 
 def test_fused_loss_config_refusals_name_the_fix(settings, tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ from pathlib import Path
 import pytest
 import ray  # noqa: F401 - a requirement of keel: a broken install must fail, not skip
 
+from keel.launcher.local import free_port
+
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).parent.parent
 TOKEN = secrets.token_hex(32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,7 @@ def test_layout_matches_single_process_losses_at_every_step(name, reference, std
 
 def layout(world_size, *overrides):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", list(overrides))
-    p = cfg.parallel
-    check_layout(cfg, ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size))
+    check_layout(cfg, ParallelDims.of(cfg.parallel, world_size))
 
 
 def test_impossible_layouts_fail_before_any_model_is_built():

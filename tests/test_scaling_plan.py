@@ -1,12 +1,10 @@
 """`keel scale plan` and what the fits accept: ladders that can be trusted, runs measured alike."""
 import dataclasses
-import json
 
 import pytest
 
 from keel.scaling.plan import LadderError, Ladder, parse_budgets, plan
 from keel.scaling.points import check_comparable, check_endpoint, load_points
-from keel.training.config import load_config
 from keel.training.flops import count_params, training_flops_per_token
 from keel.training.record import RunRecord
 

@@ -216,8 +216,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], Non
     """Run (or resume) the training of `cfg` on this rank. `on_beat` receives every step's record and the
     phases between steps (the launcher's heartbeat; see Beats)."""
     env = env or RankEnv.from_environ()
-    dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp,
-                                cfg.parallel.pp, env.world_size)
+    dims = ParallelDims.of(cfg.parallel, env.world_size)
     check_layout(cfg, dims)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)

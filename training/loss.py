@@ -5,7 +5,8 @@ import contextlib
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
-import torch.nn.functional as F
+
+from ..kernels.cross_entropy import cross_entropy_from_logits
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -13,17 +14,14 @@ if TYPE_CHECKING:
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, z_loss: float = 0.0
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss to backpropagate, cross-entropy to report), both means over tokens.
+    """Returns (loss to backpropagate, cross-entropy to report), both means over the tokens whose target
+    is not IGNORE_INDEX.
 
     z-loss (PaLM, Chowdhery et al. 2022) adds z_loss * log(Z)^2 so the softmax normaliser stays near 1;
-    it is reported separately because it is not a property of the model's predictions.
+    it is reported separately because it is not a property of the model's predictions. The one definition
+    is kernels/cross_entropy.py's, which the fused paths are tested against.
     """
-    logits_NV = logits_BTV.flatten(0, 1).float()
-    ce = F.cross_entropy(logits_NV, targets_BT.flatten())
-    if z_loss == 0.0:
-        return ce, ce.detach()
-    log_z_N = torch.logsumexp(logits_NV, dim=-1)
-    return ce + z_loss * log_z_N.pow(2).mean(), ce.detach()
+    return cross_entropy_from_logits(logits_BTV.flatten(0, 1), targets_BT.flatten(), z_loss)
 
 
 def model_loss(model: torch.nn.Module, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, cfg: "ModelConfig",

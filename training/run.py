@@ -5,6 +5,7 @@ Shared by `keel train` and `python -m keel.training` (which is what torchrun sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -43,14 +44,18 @@ def guarded(fn: Callable[[], T], debug: bool = False) -> T:
         raise SystemExit(2) from None
 
 
-def summary_line(s: RunSummary) -> str:
-    mfu = f", MFU {100 * s.mfu:.1f}%" if s.mfu is not None else ""
-    return (f"done: {s.steps} steps, {s.tokens / 1e6:.2f}M tokens in {s.wall_s:.0f}s "
-            f"({s.tokens_per_s:,.0f} tok/s{mfu}); val loss {s.first_val_loss:.3f} -> {s.val_loss:.3f} "
-            f"nats/token; run dir {s.run_dir} (config.yaml, metrics.jsonl, events.jsonl, wandb/)"
-            + (f"; {len(s.incidents)} loss anomalies handled: "
-               + ", ".join(f"step {i['step']} {i['kind']} -> {i['action']}" for i in s.incidents)
-               if s.incidents else ""))
+def summary_line(s: dict) -> str:
+    """A run's closing line, the same whether it trained here or under the supervisor: `s` holds
+    RunSummary's fields (a dict, as a rank sends them to the Ray driver)."""
+    mfu = f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""
+    incidents = s.get("incidents") or []
+    return (f"done: {s['steps']} steps, {s['tokens'] / 1e6:.2f}M tokens in {s['wall_s']:.0f}s "
+            f"({s['tokens_per_s']:,.0f} tok/s{mfu}); final loss {s['final_loss']:.4f}, val loss "
+            f"{s['first_val_loss']:.3f} -> {s['val_loss']:.3f} nats/token; run dir {s['run_dir']} "
+            f"(config.yaml, metrics.jsonl, events.jsonl, wandb/)"
+            + (f"; {len(incidents)} loss anomalies handled: "
+               + ", ".join(f"step {i['step']} {i['kind']} -> {i['action']}" for i in incidents)
+               if incidents else ""))
 
 
 def train_from_file(config: str, overrides: list[str]) -> RunSummary:
@@ -60,7 +65,7 @@ def train_from_file(config: str, overrides: list[str]) -> RunSummary:
     env = RankEnv.from_environ()
     summary = train(load_config(config, overrides), env)
     if env.rank == 0:
-        print(summary_line(summary))
+        print(summary_line(dataclasses.asdict(summary)))
     return summary
 
 
