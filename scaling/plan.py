@@ -16,9 +16,10 @@ no size runs at a rate tuned for another (with one rate per budget, the larger s
 first ladder ran 5% worse than at a quarter of it). The batch, as a power of two of sequences, serves the
 whole ladder and its check run: a batch that doubles between two budgets halves the steps of the runs
 past it and bends the compute frontier there (it did, at the last budget of that first ladder). The rate
-is then a smooth function of (C, width); an optimum re-taken at each budget would move it in jumps. The schedule is the base config's cosine (its horizon
-is every run's own length, as Hoffmann et al. require) with a 10% warmup; every run evaluates the same
-held-out windows.
+is then a smooth function of (C, width); an optimum re-taken at each budget would move it in jumps.
+
+The schedule is the base config's cosine (its horizon is every run's own length, as Hoffmann et al.
+require) with a 10% warmup; every run evaluates the same held-out windows.
 """
 from __future__ import annotations
 
@@ -227,8 +228,8 @@ def _rung(budget: float, role: str, target_params: float, cfg: Config, T: int, p
     tag = "-check" if role == "check" else ""
     return Rung(name=f"{prefix}{tag}-c{budget:.2g}-n{n / 1e3:.0f}k".replace("+", ""), budget=budget, role=role,
                 dim=dim, n_layers=layers, n_heads=heads, steps=steps, global_batch_size=batch, eval_batches=1,
-                warmup_steps=max(1, round(0.1 * steps)), lr=round(size_aware_lr(budget, dim, reference_dim), 6), params=n,
-                tokens=steps * batch * T, flops=per_token * steps * batch * T)
+                warmup_steps=max(1, round(0.1 * steps)), lr=round(size_aware_lr(budget, dim, reference_dim), 6),
+                params=n, tokens=steps * batch * T, flops=per_token * steps * batch * T)
 
 
 def _fix_eval_set(ladder: Ladder) -> None:
