@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from keel.launcher.local import free_port
+from keel.launcher.cluster import free_port
 from keel.training.presets import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -83,6 +83,13 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                             f"`ray start --head` (launcher/examples/) or fix --address / RAY_ADDRESS") from None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now: found by binding there, and no wider (never on every interface)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
             system_config: dict | None = None) -> Connection:
     """Join `address` (or RAY_ADDRESS); with neither, start a Ray instance on this machine only."""

@@ -20,8 +20,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .cluster import LauncherError
-from .local import free_port
+from .cluster import LauncherError, free_port
 
 
 @dataclass(frozen=True)

@@ -4,19 +4,12 @@ The layout is validated here, in the driver, so an impossible one fails before a
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 from ..parallel.dims import ParallelDims, check_layout
 from ..training.config import load_config
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now: found by binding there, and no wider (never on every interface)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from .cluster import free_port
 
 
 def run_torchrun(config: str, overrides: list[str], nproc: int) -> int:

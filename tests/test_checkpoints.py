@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.launcher.local import free_port
+from keel.launcher.cluster import free_port
 
 ROOT = Path(__file__).parent.parent
 KEEL = [sys.executable, "-m", "keel.launcher.cli"]

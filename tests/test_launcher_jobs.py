@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray  # noqa: F401 - a requirement of keel: a broken install must fail, not skip
 
-from keel.launcher.local import free_port
+from keel.launcher.cluster import free_port
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).parent.parent
