@@ -56,7 +56,8 @@ setup(
         "ray[default]==2.60.0",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        # transformers: the Hugging Face round trip is checked against the real library, not a copy of it.
+        "test": ["pytest", "pytest-timeout", "transformers==5.24.0"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
         "ray": ["ray[default]==2.60.0"],

@@ -60,15 +60,42 @@ def cmd_verify(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..checkpoints.export import export_safetensors
+    from ..checkpoints.export import export_hf, export_keel
 
+    fmt, *to_out = args.to
+    if fmt not in ("hf", "keel") or len(to_out) > 1:
+        raise SystemExit(f"keel: error: --to expects hf or keel, then optionally OUT; got {' '.join(args.to)}")
     path = Path(args.path)
-    out = Path(args.out) if args.out else path.parent.parent / "export" / path.name
+    given = to_out[0] if to_out else args.out_dir or args.out
+    out = Path(given) if given else path.parent.parent / "export" / path.name
     try:
-        export_safetensors(path, out)
+        if fmt == "keel":
+            export_keel(path, out)
+        else:
+            eot, tokenizer_file = _run_tokenizer(path)
+            export_hf(path, out, dtype=args.dtype, eot=eot, tokenizer_file=tokenizer_file)
     except ValueError as e:
         raise SystemExit(f"keel: error: {e}") from None
-    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    print(f"wrote {out} ({'a Hugging Face Llama: from_pretrained() loads it' if fmt == 'hf' else 'keel names'})")
+
+
+def _run_tokenizer(path: Path) -> tuple[int | None, Path | None]:
+    """The end-of-text id and the `tokenizers` file of the corpus the checkpoint's run trained on."""
+    from ..checkpoints import manifest as mf
+    from ..training.config import config_from_dict
+    from ..training.corpus import DataError
+    from ..training.generate import run_corpus
+    from ..training.tasks import corpus_tokenizer
+
+    try:
+        data_dir = run_corpus(config_from_dict(mf.read_manifest(path)["config"]))
+        _, meta = corpus_tokenizer(data_dir)
+    except (DataError, ValueError) as e:
+        print(f"keel: warning: the run's corpus is not readable ({e}); exporting the weights without a "
+              f"tokenizer")
+        return None, None
+    file = data_dir / "tokenizer.json"
+    return meta["eot"], file if file.is_file() else None
 
 
 def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,8 +109,14 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deep", action="store_true",
                    help="re-read every byte against its sha256 checksum (default: presence and sizes, instant)")
     p.set_defaults(func=cmd_verify)
-    p = ckpt.add_parser("export", help="consolidated weights for inference")
-    p.add_argument("path", help="a committed checkpoint folder")
-    p.add_argument("--to", choices=["safetensors"], default="safetensors")
-    p.add_argument("--out", help="output folder (default: RUN/export/step_XXXXXXX)")
+    p = ckpt.add_parser("export", help="consolidated weights: a Hugging Face Llama folder, or keel's own names")
+    p.add_argument("path", metavar="CKPT", help="a committed checkpoint folder")
+    p.add_argument("out_dir", nargs="?", metavar="OUT", help="output folder (default: RUN/export/step_XXXXXXX)")
+    # OUT may follow the format (`--to hf OUT`, as users write it): argparse would not take a positional there.
+    p.add_argument("--to", nargs="+", default=["hf"], metavar="FORMAT [OUT]",
+                   help="hf: config.json + model.safetensors + tokenizer that transformers loads as "
+                        "LlamaForCausalLM (default); keel: keel's parameter names and model section")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights' dtype in the hf export (training keeps fp32 masters; default float32)")
+    p.add_argument("--out", help=argparse.SUPPRESS)  # the older spelling of OUT
     p.set_defaults(func=cmd_export)

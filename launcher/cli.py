@@ -102,6 +102,13 @@ def cmd_estimate(args) -> None:
     print_estimate(load_config(args.config, args.overrides), args.world_size)
 
 
+def cmd_generate(args) -> None:
+    from ..training.generate import complete
+
+    text, _ = complete(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + text)
+
+
 def cmd_data_prepare(args) -> None:
     from ..training.corpus import prepare
 
@@ -183,6 +190,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, metavar="N",
                    help="number of devices the layout runs on (parallel degrees of -1 fill the rest)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("generate", help="text from a checkpoint, greedy or sampled")
+    p.add_argument("ckpt", help="a checkpoint folder, or a run folder for its newest checkpoint")
+    p.add_argument("--prompt", default="", help="the text to continue (read as the start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) = greedy")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens only")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_generate)
 
     from .ckpt import add_ckpt_parser
     from .scale import add_scale_parser

@@ -234,7 +234,7 @@ def test_ls_lists_steps_tokens_layout_and_status(tiny_config):
     assert len(rows) == 2 and "1,280" in rows[0] and "single" in rows[0]  # 5 steps x 8 x 32 tokens
 
 
-def test_exported_safetensors_reproduce_the_logged_validation_loss(tiny_config, tmp_path):
+def test_keel_export_reproduces_the_logged_validation_loss(tiny_config, tmp_path):
     from safetensors.torch import load_file
 
     from keel.training.config import ModelConfig, _build
@@ -244,7 +244,7 @@ def test_exported_safetensors_reproduce_the_logged_validation_loss(tiny_config, 
 
     cfg = tiny_config("train.steps=10", "checkpoint.interval=10", "train.eval_every=10")
     summary = train(cfg)
-    result = ckpt("export", summary.run_dir / "checkpoints" / "step_0000010", "--out", tmp_path / "export")
+    result = ckpt("export", summary.run_dir / "checkpoints" / "step_0000010", tmp_path / "export", "--to", "keel")
     assert result.returncode == 0, result.stderr
     weights = load_file(tmp_path / "export" / "model.safetensors")
     model_cfg = json.loads((tmp_path / "export" / "config.json").read_text())

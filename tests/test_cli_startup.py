@@ -88,6 +88,7 @@ def test_an_unreachable_cluster_is_said_before_importing_ray():
 def test_every_user_error_is_known_once_its_module_is_loaded():
     # user_errors() names only loaded modules' classes; with all of them loaded it must find each one,
     # so a renamed or moved error class fails here rather than turning a one-line error into a traceback.
+    import keel.checkpoints.hf_config  # noqa: F401
     import keel.checkpoints.manager  # noqa: F401
     import keel.parallel.dims  # noqa: F401
     import keel.training.config  # noqa: F401

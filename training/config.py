@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,11 @@ class ModelConfig:
     qk_norm: bool = False
     z_loss: float = 0.0
     init_std: float = 0.02
+    # Start from a Hugging Face Llama checkpoint instead of random weights: "hf:PATH", a local folder with
+    # config.json and model.safetensors (continued pretraining). Model fields left out of the config are
+    # taken from its config.json; fields given must agree with it. A resumed run restores its own
+    # checkpoint instead.
+    init_from: Optional[str] = None
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rmsnorm: RMSNormConfig = field(default_factory=RMSNormConfig)
     swiglu: SwiGLUConfig = field(default_factory=SwiGLUConfig)
@@ -107,6 +113,11 @@ class ModelConfig:
         _require((self.dim // self.n_heads) % 2 == 0,
                  f"head dim {self.dim // self.n_heads} must be even for RoPE; change model.dim or n_heads")
         _require(self.z_loss >= 0, f"model.z_loss must be >= 0, got {self.z_loss}")
+        _require(self.init_from is None or self.init_from.startswith("hf:"),
+                 f"model.init_from={self.init_from!r}: expected hf:PATH (a local Hugging Face Llama folder)")
+        _require(not (self.init_from and self.qk_norm),
+                 "model.qk_norm=true cannot start from a Hugging Face Llama (it has no query/key norms); "
+                 "set model.qk_norm=false or drop model.init_from")
 
     @property
     def head_dim(self) -> int:
@@ -535,10 +546,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key, value)
+    hf_model = _fill_from_hf(tree)
     cfg = _build(Config, tree)
+    if hf_model is not None:
+        _check_against_hf(cfg.model, hf_model)
     if cfg.train.name is None:
         cfg.train.name = path.stem if path is not None else "run"
     return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A config written out whole (a checkpoint's manifest, a run's config.yaml), read back and checked."""
+    return _build(Config, tree)
+
+
+def _fill_from_hf(tree: dict) -> dict | None:
+    """With model.init_from=hf:PATH, fill the model fields the config leaves out from PATH/config.json;
+    returns the model fields that config.json gives (None without init_from)."""
+    model = tree.get("model")
+    init_from = model.get("init_from") if isinstance(model, dict) else None
+    if not isinstance(init_from, str) or not init_from.startswith("hf:"):
+        return None
+    from ..checkpoints.hf_config import HFFormatError, from_hf_config, hf_path, read_hf_config
+
+    try:
+        folder = hf_path(init_from)
+        theirs = from_hf_config(read_hf_config(folder), folder)
+    except HFFormatError as e:
+        raise ConfigError(f"model.init_from: {e}") from e
+    for key, value in theirs.items():
+        model.setdefault(key, value)
+    return theirs
+
+
+def _check_against_hf(model: ModelConfig, theirs: dict) -> None:
+    from ..checkpoints.hf_config import FIELDS
+
+    for key, value in theirs.items():
+        ours = model.hidden_dim if key == "ffn_dim" else getattr(model, key)
+        if key == "init_std" or ours == value or (isinstance(value, float) and math.isclose(ours, value)):
+            continue
+        raise ConfigError(f"model.{key}={ours} but {model.init_from} has {FIELDS[key]}={value}; leave "
+                          f"model.{key} out (it is read from config.json) or set it to {value}")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 # Where each user error is defined, relative to this package.
 USER_ERRORS = ((".config", "ConfigError"), (".corpus", "DataError"), ("..parallel.dims", "LayoutError"),
-               ("..checkpoints.manager", "CheckpointError"), (".stability", "StabilityError"))
+               ("..checkpoints.manager", "CheckpointError"), (".stability", "StabilityError"),
+               ("..checkpoints.hf_config", "HFFormatError"))
 
 
 def user_errors() -> tuple[type[Exception], ...]:
