@@ -29,8 +29,8 @@ import torch
 
 from keel.checkpoints import manifest as mf
 from keel.checkpoints.manager import Checkpointer
-from keel.training.config import load_config
-from keel.training.engine import LocalEngine
+from keel.training.config import config_to_dict, load_config
+from keel.parallel.local import LocalEngine
 from keel.training.flops import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +76,8 @@ def main() -> None:
 
     # Checkpointers live as long as a run, as in training; the first save of each is a warm-up (it
     # allocates the async stager's CPU copy of the state) and is reported on its own.
-    sync = Checkpointer(cfg_sync, base / "sync", 0, 1, layout)
-    asy = Checkpointer(cfg_async, base / "async", 0, 1, layout)
+    sync = Checkpointer(config_to_dict(cfg_sync), base / "sync", 0, 1, layout)
+    asy = Checkpointer(config_to_dict(cfg_async), base / "async", 0, 1, layout)
     rows = []
     try:
         for step in range(args.repeats + 1):
@@ -94,7 +94,7 @@ def main() -> None:
             raw_s = raw_write_seconds(base, n_bytes)
 
             fresh = LocalEngine(cfg_sync, torch.device("cpu"))
-            loader = Checkpointer(cfg_sync, base / "sync", 0, 1, layout)
+            loader = Checkpointer(config_to_dict(cfg_sync), base / "sync", 0, 1, layout)
             t0, c0 = time.perf_counter(), time.process_time()
             path = loader.choose("auto")
             t_verify = time.perf_counter() - t0

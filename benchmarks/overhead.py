@@ -24,7 +24,7 @@ import torch
 from keel.training.config import load_config
 from keel.training.corpus import read_meta
 from keel.training.device import seed_everything
-from keel.training.engine import adamw
+from keel.parallel.engine import adamw
 from keel.training.loop import resolve_data, train
 from keel.training.model import build_model
 

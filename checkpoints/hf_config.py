@@ -24,6 +24,10 @@ HF_DEFAULTS = {"num_key_value_heads": None, "rope_theta": 10000.0, "rms_norm_eps
                "tie_word_embeddings": False, "initializer_range": 0.02, "max_position_embeddings": 2048}
 
 
+# What a Llama config.json cannot leave out (LlamaConfig's defaults for these describe no real model).
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 class HFFormatError(ValueError):
     """An HF folder or a keel model that the other side cannot represent exactly; one line, with the fix."""
 
@@ -88,6 +92,9 @@ def read_hf_config(folder: Path) -> dict:
 
 def from_hf_config(config: dict, where: Path) -> dict:
     """keel's model fields from an HF Llama config.json, refusing what keel's model would compute differently."""
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise HFFormatError(f"{where}/{CONFIG} lacks {', '.join(missing)}; is it a Llama config?")
     problems = []
     if config.get("model_type", "llama") != "llama":
         problems.append(f"model_type={config.get('model_type')!r} (keel reads Llama checkpoints)")

@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from ..training.config import Config, ConfigError, config_to_dict
 from . import manifest as mf
 from . import rollbacks
 from .compat import changed_settings
@@ -85,36 +84,41 @@ def _without_zip_crc32():
 
 
 # Which kernel runs an op is not the architecture: a run saved with one may resume with another (and
-# checkpoints from before a kernel section existed still resume).
-KERNEL_SECTIONS = ("attention", "rmsnorm", "swiglu", "rope", "cross_entropy")
+# checkpoints from before a kernel section existed still resume). Nor is where the first weights came from.
+NOT_ARCHITECTURE = ("attention", "rmsnorm", "swiglu", "rope", "cross_entropy", "init_from")
 
 
 def architecture(model_section: dict) -> dict:
-    return {k: v for k, v in model_section.items() if k not in KERNEL_SECTIONS}
+    return {k: v for k, v in model_section.items() if k not in NOT_ARCHITECTURE}
 
 
 def _fingerprint(model_section: dict) -> str:
     return hashlib.sha256(json.dumps(architecture(model_section), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(cfg: Config) -> str:
+def model_fingerprint(config: dict) -> str:
     """What must match for weights to load: the model section (the architecture), kernel choices aside."""
-    return _fingerprint(config_to_dict(cfg)["model"])
+    return _fingerprint(config["model"])
 
 
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for by path cannot be used; names the path and the reason."""
+    """A checkpoint that cannot be used (asked for by path, or saved by another model or other settings);
+    names the path, the reason and the way out."""
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, folder: Path, rank: int, world_size: int, layout: dict,
+    """`config` is the run's whole config as a plain dict (training.config.config_to_dict): it goes into
+    every manifest, and its checkpoint section steers saving, retention and resuming."""
+
+    def __init__(self, config: dict, folder: Path, rank: int, world_size: int, layout: dict,
                  event: Callable[..., None] = lambda kind, **f: None,
                  before_commit: Callable[[int], None] = lambda step: None):
-        self.cfg, self.folder, self.rank, self.world_size = cfg, Path(folder), rank, world_size
+        self.config, self.folder, self.rank, self.world_size = config, Path(folder), rank, world_size
+        self.settings = config["checkpoint"]
         self.layout, self.event, self.before_commit = layout, event, before_commit
         self.distributed = world_size > 1 and dist.is_initialized()
         # Checkpoint collectives run on their own gloo group: an async save's run in a background thread
@@ -152,7 +156,7 @@ class Checkpointer:
                 torch.save(rng_state(), tmp / rng_file(self.rank))
                 if self.rank == 0:
                     mf.write_json_durably(tmp / TRAINER, trainer_state)
-                if self.cfg.checkpoint.async_save:
+                if self.settings["async_save"]:
                     # The copy to CPU memory: once it is done, training may change the live tensors.
                     state = self._stager.stage(state)
         except Exception as e:  # noqa: BLE001 - a full disk, out of host memory: the run must go on
@@ -162,7 +166,7 @@ class Checkpointer:
         # give the save up together instead, and the .tmp folder is left for retention to remove.
         if errors := self._errors(self._gather(error)):
             self._failed(step, errors)
-        elif self.cfg.checkpoint.async_save:
+        elif self.settings["async_save"]:
             # Written in this Checkpointer's one background thread, as dcp.async_save would in its own.
             self._in_flight = (step, self._pool.submit(self._write, step, tmp, state, t0, True))
         else:
@@ -194,9 +198,9 @@ class Checkpointer:
         if errors:
             self._failed(step, errors)
             return
-        info = {"step": step, "tokens": step * self.cfg.train.global_batch_size * self.cfg.data.seq_len,
-                "world_size": self.world_size, "layout": self.layout, "model_fingerprint": model_fingerprint(self.cfg),
-                "config_hash": config_hash(self.cfg), "config": config_to_dict(self.cfg), "keel_version": _keel_version(),
+        info = {"step": step, "tokens": step * self.config["train"]["global_batch_size"] * self.config["data"]["seq_len"],
+                "world_size": self.world_size, "layout": self.layout, "model_fingerprint": model_fingerprint(self.config),
+                "config_hash": config_hash(self.config), "config": self.config, "keel_version": _keel_version(),
                 "torch_version": torch.__version__, "created": time.time()}
         try:
             final = mf.commit(tmp, info, {n: e for _, d in results for n, e in d.items()})
@@ -246,11 +250,11 @@ class Checkpointer:
 
     def _retain(self) -> None:
         """Keep the newest keep_last, and every keep_every-th step; drop stale uncommitted folders."""
-        c = self.cfg.checkpoint
+        keep_last, keep_every = self.settings["keep_last"], self.settings["keep_every"]
         found = mf.entries(self.folder)
         committed = [e for e in found if e.committed]
-        keep = {e.step for e in committed[-c.keep_last:]}
-        keep |= {e.step for e in committed if c.keep_every and e.step % c.keep_every == 0}
+        keep = {e.step for e in committed[-keep_last:]}
+        keep |= {e.step for e in committed if keep_every and e.step % keep_every == 0}
         newest = committed[-1].step if committed else -1
         doomed = [e.path for e in found
                   if (e.committed and e.step not in keep) or (not e.committed and e.step < newest)]
@@ -345,11 +349,11 @@ class Checkpointer:
         manifest = mf.read_manifest(path)
         # Recomputed from the saved config rather than read from the manifest: older manifests hashed the
         # kernel choices too.
-        if _fingerprint(manifest["config"]["model"]) != model_fingerprint(self.cfg):
-            saved, now = architecture(manifest["config"]["model"]), architecture(config_to_dict(self.cfg)["model"])
+        if _fingerprint(manifest["config"]["model"]) != model_fingerprint(self.config):
+            saved, now = architecture(manifest["config"]["model"]), architecture(self.config["model"])
             diff = ", ".join(f"model.{k}: {saved.get(k)} there, {now.get(k)} here"
                              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-            raise ConfigError(f"checkpoint {path} holds a different model ({diff}); use its model settings, "
+            raise CheckpointError(f"checkpoint {path} holds a different model ({diff}); use its model settings, "
                               f"or start afresh with --resume never or another train.name")
         self._check_settings(path, manifest["config"])
         state = engine.state_dict()
@@ -366,12 +370,12 @@ class Checkpointer:
 
     def _check_settings(self, path: Path, saved: dict) -> None:
         """Refuse to resume with other data-order or optimizer settings unless the user accepted them."""
-        changed = changed_settings(saved, config_to_dict(self.cfg))
+        changed = changed_settings(saved, self.config)
         if not changed:
             return
         diff = ", ".join(f"{k}: {before} -> {now}" for k, before, now in changed)
-        if not self.cfg.checkpoint.resume_changed:
-            raise ConfigError(f"checkpoint {path} was saved with other data or optimizer settings ({diff}); to "
+        if not self.settings["resume_changed"]:
+            raise CheckpointError(f"checkpoint {path} was saved with other data or optimizer settings ({diff}); to "
                               f"resume with them anyway pass --resume-changed (or --set checkpoint.resume_changed="
                               f"true), or start afresh with --resume never or another train.name")
         self.event("resume_changed", path=str(path), changed=diff, keys=[k for k, _, _ in changed])

@@ -207,8 +207,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     if command == "bench":
         from ..kernels.bench import add_bench_parser  # torch and the kernels: only when benchmarking
+        from .bench_step import add_step_parser
 
-        add_bench_parser(sub)
+        add_step_parser(add_bench_parser(sub))
     else:
         sub.add_parser("bench", help="benchmark kernels per op, or whole training steps (keel bench --help)")
     add_ckpt_parser(sub)

@@ -28,6 +28,12 @@ class Connection:
     temp_dir: str | None = None  # the embedded instance's session files, removed with it
     dashboard_url: str | None = None  # http://HOST:PORT when the cluster has a dashboard listening
 
+    def cpus(self) -> float:
+        """The CPUs the cluster has in all (what a ladder divides among its concurrent runs)."""
+        import ray
+
+        return ray.cluster_resources().get("CPU", 1.0)
+
     def close(self) -> None:
         """Disconnect (and stop the embedded instance); a connection someone else made is left alone."""
         import ray

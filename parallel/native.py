@@ -11,25 +11,19 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from ..checkpoints.state import load_model_optim_state, model_optim_state
 from ..training.config import Config
-from ..training.device import autocast
-from ..training.engine import Engine, adamw
-from ..training.loss import lm_loss, model_loss
+from ..training.loss import lm_loss
 from ..training.model import build_model
 from .data_parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
 from .dims import ParallelDims
+from .engine import Engine, adamw, plain
 from .materialise import materialise
 from .mesh import build_mesh
 from .pipeline import build_schedule, split_stage, stage_ids
 from .tensor_parallel import apply_tensor_parallel
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class NativeEngine(Engine):
@@ -75,66 +69,66 @@ class NativeEngine(Engine):
         self.has_first = 0 in self.stage_ids
         self.has_last = self.n_stages - 1 in self.stage_ids
 
-    # -- helpers -------------------------------------------------------------------------------------
-    def _loss_context(self):
+    # -- the micro-batch loop's hooks (parallel/engine.py) ------------------------------------------------
+    def loss_context(self):
         # The loss-parallel context must cover the backward too: it defines how the sharded softmax
         # gradient flows.
         return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
 
-    def _compute_context(self):
+    def compute_context(self):
         # With FSDP the mixed-precision policy casts weights; otherwise autocast does it.
-        return contextlib.nullcontext() if self.use_fsdp else autocast(self.device, self.cfg.train.precision)
+        return contextlib.nullcontext() if self.use_fsdp else super().compute_context()
 
-    def _pipeline_loss(self, logits, targets):
-        loss, ce = lm_loss(logits, targets, self.cfg.model.z_loss)
-        self._ces.append(_plain(ce))
-        return loss
+    def before_micro_batch(self, index: int, count: int) -> None:
+        if self.use_fsdp:
+            # Reduce-scatter gradients once, after the last micro-batch, not after each one.
+            self.model.set_requires_gradient_sync(index == count - 1)
 
-    def _global_mean(self, local_mean: torch.Tensor | None) -> float:
+    def global_mean(self, local_mean: torch.Tensor | None) -> float:
         """Mean over data-parallel replicas of a loss only the last stage's first TP rank contributes."""
         owner = self.has_last and self.mesh["tp"].get_local_rank() == 0
         value = local_mean.detach().float().reshape(()) if owner else torch.zeros((), device=self.device)
         dist.all_reduce(value)
         return value.item() / self.dp_size
 
+    # -- pipeline parallel: the schedule runs the micro-batches ------------------------------------------
+    def _pipeline_loss(self, logits, targets):
+        loss, ce = lm_loss(logits, targets, self.cfg.model.z_loss)
+        self._ces.append(plain(ce))
+        return loss
+
     def _run_pipeline(self, run, inputs_bT, targets_bT) -> float:
         """Run the schedule (step or eval); the first stage feeds inputs, the last scores targets."""
         self._ces.clear()
         losses: list[torch.Tensor] = []
-        with self._loss_context(), self._compute_context():
+        with self.loss_context(), self.compute_context():
             run(*([inputs_bT.to(self.device)] if self.has_first else []),
                 **({"target": targets_bT.to(self.device), "losses": losses} if self.has_last else {}))
         if not self.has_last:
-            return self._global_mean(None)
+            return self.global_mean(None)
         # The first step() also calls the loss once while inferring shapes; this step's micro-batches
         # are the last len(losses) calls.
-        return self._global_mean(torch.stack(self._ces[-len(losses):]).mean())
-
-    def _micro_batches(self, inputs_bT, targets_bT):
-        mb = self.cfg.train.micro_batch_size
-        return list(zip(inputs_bT.to(self.device).split(mb), targets_bT.to(self.device).split(mb)))
+        return self.global_mean(torch.stack(self._ces[-len(losses):]).mean())
 
     # -- the Engine interface ----------------------------------------------------------------------------
     def forward_backward(self, inputs_bT, targets_bT) -> float:
+        if self.dims.pp == 1:
+            return super().forward_backward(inputs_bT, targets_bT)
         for part in self.parts:
             part.train()
-        if self.dims.pp > 1:
-            return self._run_pipeline(self.schedule.step, inputs_bT, targets_bT)
-        chunks = self._micro_batches(inputs_bT, targets_bT)
-        total = torch.zeros((), device=self.device)
-        for i, (inputs, targets) in enumerate(chunks):
-            if self.use_fsdp:
-                # Reduce-scatter gradients once, after the last micro-batch, not after each one.
-                self.model.set_requires_gradient_sync(i == len(chunks) - 1)
-            with self._loss_context():
-                loss, ce = model_loss(self.model, inputs, targets, self.cfg.model, self._compute_context)
-                (loss / len(chunks)).backward()
-            total += _plain(ce)
-        return self._global_mean(total / len(chunks))
+        return self._run_pipeline(self.schedule.step, inputs_bT, targets_bT)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs_bT, targets_bT) -> float:
+        if self.dims.pp == 1:
+            return super().eval_loss(inputs_bT, targets_bT)
+        for part in self.parts:
+            part.eval()
+        return self._run_pipeline(self.schedule.eval, inputs_bT, targets_bT)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = _plain(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0))
+        norm = plain(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0))
         if self.dims.pp > 1:
             # Each stage holds different parameters: the global norm adds their squares.
             norm = norm.pow(2)
@@ -154,19 +148,6 @@ class NativeEngine(Engine):
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def eval_loss(self, inputs_bT, targets_bT) -> float:
-        for part in self.parts:
-            part.eval()
-        if self.dims.pp > 1:
-            return self._run_pipeline(self.schedule.eval, inputs_bT, targets_bT)
-        chunks = self._micro_batches(inputs_bT, targets_bT)
-        total = torch.zeros((), device=self.device)
-        for inputs, targets in chunks:
-            with self._loss_context():
-                total += _plain(model_loss(self.model, inputs, targets, self.cfg.model, self._compute_context)[1])
-        return self._global_mean(total / len(chunks))
 
     def state_dict(self) -> dict:
         return model_optim_state(self.parts, self.optimizers)

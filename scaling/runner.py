@@ -60,9 +60,7 @@ def run_ladder(ladder: Ladder, roles: tuple[str, ...] = ("ladder",), address: st
         return status
     conn = connect(address)
     try:
-        import ray
-
-        cpus = ray.cluster_resources().get("CPU", 1.0)
+        cpus = conn.cpus()
         parallel = max(1, min(parallel or int(cpus), len(todo)))
         per_run = max(1.0, cpus // parallel) if conn.embedded else 1.0
         threads = [f"train.cpu_threads={int(per_run)}"] if conn.embedded else []

@@ -29,6 +29,7 @@ def names(folder: Path) -> list[str]:
 
 def test_full_disk_during_an_async_save_is_reported_the_run_finishes_and_resumes_from_the_previous(tiny_config):
     from keel.checkpoints.manager import Checkpointer
+    from keel.training.config import config_to_dict
     from keel.training.loop import train
 
     cfg = tiny_config("train.steps=20", "checkpoint.interval=10", "fault.inject=[enospc_in_save@20]")
@@ -39,7 +40,7 @@ def test_full_disk_during_an_async_save_is_reported_the_run_finishes_and_resumes
     folder = summary.run_dir / "checkpoints"
     assert names(folder) == ["step_0000010", "step_0000020.tmp"]  # left uncommitted, never loaded
 
-    chooser = Checkpointer(cfg, folder, 0, 1, {})
+    chooser = Checkpointer(config_to_dict(cfg), folder, 0, 1, {})
     assert chooser.choose("auto") == folder / "step_0000010"
     chooser.close()
     resumed = train(cfg)  # the fault fires once per run folder, as a disk that was freed meanwhile
@@ -106,7 +107,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.staging import DefaultStager
 
 from keel.checkpoints.manager import Checkpointer
-from keel.training.config import load_config
+from keel.training.config import config_to_dict, load_config
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -127,7 +128,7 @@ class Engine:
 
 cfg = load_config(None, ["checkpoint.async_save=true", "logging.wandb.mode=disabled"])
 seen = []
-ckpt = Checkpointer(cfg, Path(sys.argv[1]), rank, 2, {}, event=lambda kind, **f: seen.append({"kind": kind, **f}))
+ckpt = Checkpointer(config_to_dict(cfg), Path(sys.argv[1]), rank, 2, {}, event=lambda kind, **f: seen.append({"kind": kind, **f}))
 for step in (1, 2):
     ckpt.save(step, Engine(), {"step": step})
 ckpt.close()
@@ -154,12 +155,12 @@ def test_a_copy_to_cpu_memory_failing_on_one_rank_is_given_up_by_both_without_wa
 # -- settings that change the run are not resumed silently --------------------------------------------
 
 def test_resume_with_other_optimizer_or_batch_settings_is_refused_naming_each_until_accepted(tiny_config):
-    from keel.training.config import ConfigError
+    from keel.checkpoints.manager import CheckpointError
     from keel.training.loop import train
 
     train(tiny_config("train.steps=5", "checkpoint.interval=5"))
     changed = ("train.steps=10", "checkpoint.interval=5", "optim.lr=1e-3", "train.global_batch_size=16")
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(CheckpointError) as refused:
         train(tiny_config(*changed))
     message = str(refused.value)
     assert "\n" not in message

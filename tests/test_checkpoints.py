@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from keel.launcher.cluster import free_port
+from keel.training.config import config_to_dict
 
 ROOT = Path(__file__).parent.parent
 KEEL = [sys.executable, "-m", "keel.launcher.cli"]
@@ -168,13 +169,13 @@ def test_a_save_hashes_its_shards_as_it_writes_them_and_retention_hides_what_it_
     # what it drops at once, so no resume can choose a half-deleted folder, and deletes it behind training.
     from keel.checkpoints import manifest as mf
     from keel.checkpoints.manager import Checkpointer
-    from keel.training.engine import LocalEngine
+    from keel.parallel.local import LocalEngine
 
     read_back, real_checksum = [], mf.checksum
     monkeypatch.setattr(mf, "checksum", lambda path: read_back.append(Path(path).name) or real_checksum(path))
     cfg = tiny_config("checkpoint.async_save=false", "checkpoint.keep_last=1")
     folder = Path(cfg.train.output_dir) / "ckpt"
-    saver = Checkpointer(cfg, folder, 0, 1, {})
+    saver = Checkpointer(config_to_dict(cfg), folder, 0, 1, {})
     engine = LocalEngine(cfg, torch.device("cpu"))
     saver.save(1, engine, {"step": 1})
     saver.save(2, engine, {"step": 2})
@@ -198,11 +199,11 @@ def test_finished_run_is_not_trained_again_and_resume_never_starts_afresh(tiny_c
 
 
 def test_resume_into_a_different_model_names_the_differences(tiny_config):
-    from keel.training.config import ConfigError
+    from keel.checkpoints.manager import CheckpointError
     from keel.training.loop import train
 
     train(tiny_config("train.steps=5", "checkpoint.interval=5"))
-    with pytest.raises(ConfigError, match=r"model.dim: 32 there, 64 here"):
+    with pytest.raises(CheckpointError, match=r"model.dim: 32 there, 64 here"):
         train(tiny_config("train.steps=10", "checkpoint.interval=5", "model.dim=64"))
 
 
@@ -239,7 +240,7 @@ def test_keel_export_reproduces_the_logged_validation_loss(tiny_config, tmp_path
 
     from keel.training.config import ModelConfig, _build
     from keel.training.data import TokenWindows
-    from keel.training.engine import LocalEngine
+    from keel.parallel.local import LocalEngine
     from keel.training.loop import evaluate, train
 
     cfg = tiny_config("train.steps=10", "checkpoint.interval=10", "train.eval_every=10")

@@ -22,7 +22,7 @@ from keel.launcher.cli import main as keel
 from keel.training.config import ConfigError, load_config
 from keel.training.corpus import prepare, stdlib_path
 from keel.training.data import BatchLoader, TokenWindows
-from keel.training.engine import LocalEngine
+from keel.parallel.local import LocalEngine
 from keel.training.generate import complete, load_checkpoint_model
 from keel.training.loop import train
 from keel.training.presets import TEST_MODEL

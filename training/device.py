@@ -2,29 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
-import time
 
 import numpy as np
 import torch
 
+from ..kernels import peaks
 from .config import ConfigError
 from .corpus import cache_dir
-
-# Published dense bf16 tensor-core peaks (FLOP/s) for GPUs whose name contains the key.
-PUBLISHED_BF16_PEAK = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12,
-}
-# Published memory bandwidth (bytes/s), same matching; the first key contained in the name wins, so the
-# more specific names come first. What `keel bench` compares memory-bound kernels against.
-PUBLISHED_MEMORY_BANDWIDTH = {
-    "H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12,
-    "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12,
-    "A10G": 0.6e12, "L4": 0.3e12, "RTX 4090": 1.008e12,
-}
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -49,60 +34,6 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu x{torch.get_num_threads()} threads"
-
-
-def _measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: first call pays for kernel selection and page faults
-    best = float("inf")
-    for _ in range(10):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / 3)
-    return 2 * n ** 3 / best
-
-
-def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
-    """(published memory bandwidth in bytes/s, where it comes from), or (None, why) when unknown."""
-    name = device_name(device)
-    if device.type == "cuda":
-        for key, value in PUBLISHED_MEMORY_BANDWIDTH.items():
-            if key in name:
-                return value, f"published memory bandwidth of {key}"
-    return None, f"no published memory bandwidth for {name}"
-
-
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from).
-
-    Known GPUs in bf16 use the published dense peak. Anything else is measured once with a large matmul
-    in the run's dtype and cached per device, dtype and thread count, so MFU on a CPU compares against
-    what this machine can actually do rather than a number from a datasheet.
-    """
-    name = device_name(device)
-    if device.type == "cuda" and precision == "bf16":
-        for key, value in PUBLISHED_BF16_PEAK.items():
-            if key in name:
-                return value, f"published bf16 peak of {key}"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    cache = cache_dir() / "peak_flops.json"
-    key = f"{name}|{dtype}"
-    table = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in table:
-        table[key] = _measure_matmul_peak(device, dtype)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=2))
-        os.replace(tmp, cache)
-    return table[key], f"measured {str(dtype).removeprefix('torch.')} matmul peak on {name}"
+    """kernels.peaks.peak_flops with keel's cache (KEEL_CACHE), where a measured peak is kept."""
+    return peaks.peak_flops(device, precision, cache_dir() / "peak_flops.json")

@@ -11,45 +11,18 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .specs import Fault, parse_fault
 
-from .config import FAULT_ACTIONS, FAULT_FORM, ConfigError
-
-SPEC = re.compile(r"^(?P<action>[a-z_]+)(?::r(?P<rank>\d+))?@(?P<step>\d+)(?:-(?P<last>\d+))?$")
 LR_SPIKE = 100.0
 SLOW_S = 0.25
 
 
 class InjectedFault(RuntimeError):
     """What `raise@STEP` raises: a stand-in for any exception in user code."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    spec: str
-    action: str
-    rank: int | None
-    step: int
-    last: int
-
-    def hits(self, rank: int, step: int) -> bool:
-        return self.step <= step <= self.last and self.rank in (None, rank)
-
-
-def parse_fault(spec: str) -> Fault:
-    m = SPEC.match(spec.strip())
-    if not m or m["action"] not in FAULT_ACTIONS:
-        raise ConfigError(f"fault.inject: cannot read {spec!r}; expected {FAULT_FORM}")
-    step = int(m["step"])
-    last = int(m["last"]) if m["last"] else step
-    if last < step:
-        raise ConfigError(f"fault.inject: {spec!r} ends before it starts")
-    return Fault(spec.strip(), m["action"], None if m["rank"] is None else int(m["rank"]), step, last)
 
 
 class FaultInjector:

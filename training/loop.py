@@ -10,28 +10,28 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 import torch.distributed as dist
 
+from ..checkpoints import rollbacks
+from ..checkpoints.manager import Checkpointer
 from ..kernels.attention import check_attention_impl
 from ..kernels.cross_entropy import check_cross_entropy_impl
 from ..kernels.ops import check_op_impl
 from ..parallel.dims import ParallelDims, check_layout
+from ..parallel.engine import Engine
+from ..parallel.factory import make_engine
 from ..parallel.mesh import init_distributed
-from .config import Config, ConfigError, dump_config
-from ..checkpoints import rollbacks
-from ..checkpoints.manager import Checkpointer
+from .config import Config, ConfigError, config_to_dict, dump_config
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
 from .device import autocast, peak_flops, pick_device, seed_everything
-from .engine import Engine, make_engine
 from .faults import FaultInjector
-from .forecast import Forecast
-from .stability import Action, Stabilizer, StabilityError, Verdict
 from .flops import training_flops_per_token
+from .forecast import Forecast
 from .metrics import RunLogger, peak_memory_gb
 from .record import build_record, write_record
 from .schedule import lr_at
+from .stability import Action, Stabilizer, StabilityError, Verdict
 from .tasks import run_tasks
 
 
@@ -258,7 +258,7 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
     faults = FaultInjector(cfg.fault.inject, env.rank, run_dir)
     layout = {"dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard, "tp": dims.tp, "pp": dims.pp}
     early_events: list[tuple[str, dict]] = []  # what restore has to say before the logger exists
-    ckpt = Checkpointer(cfg, Path(cfg.checkpoint.folder or run_dir / "checkpoints"), env.rank, env.world_size,
+    ckpt = Checkpointer(config_to_dict(cfg), Path(cfg.checkpoint.folder or run_dir / "checkpoints"), env.rank, env.world_size,
                         layout, event=lambda kind, **f: early_events.append((kind, f)), before_commit=faults.in_save)
     resume_from = ckpt.choose(cfg.checkpoint.resume)
     if cfg.checkpoint.resume == "never":

@@ -23,12 +23,12 @@ run). The loop carries the actions out (training/loop.py).
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import STABILITY_ACTIONS, ConfigError, StabilityConfig
+from .config import StabilityConfig
+from .specs import Action, parse_action
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
@@ -108,44 +108,6 @@ class SpikeDetector:
 
 
 # -- the policy ------------------------------------------------------------------------------------------
-
-ACTION = re.compile(r"^(?P<name>skip_step|rollback|lower_lr)(?:\((?P<args>[^)]*)\))?$")
-ARGS = {"skip_step": {}, "rollback": {"skip_batches": 200}, "lower_lr": {"factor": 0.5, "steps": 100}}
-
-
-@dataclass(frozen=True)
-class Action:
-    name: str
-    skip_batches: int = 0
-    factor: float = 1.0
-    steps: int = 0
-
-    def __str__(self) -> str:
-        args = {"rollback": f"(skip_batches={self.skip_batches})",
-                "lower_lr": f"(factor={self.factor}, steps={self.steps})"}.get(self.name, "")
-        return self.name + args
-
-
-def parse_action(text: str) -> Action:
-    m = ACTION.match(text.replace(" ", ""))
-    error = f"stability.actions: cannot read {text!r}; expected one of {STABILITY_ACTIONS}"
-    if not m:
-        raise ConfigError(error)
-    values = dict(ARGS[m["name"]])
-    for item in filter(None, (m["args"] or "").split(",")):
-        key, _, raw = item.partition("=")
-        if key not in values:
-            raise ConfigError(f"{error} ({m['name']} takes {', '.join(values) or 'no arguments'}, not {key!r})")
-        try:
-            values[key] = type(values[key])(raw)
-        except ValueError:
-            raise ConfigError(f"{error} ({key}={raw!r} is not a number)") from None
-    if not 0 < values.get("factor", 0.5) < 1:
-        raise ConfigError(f"{error} (lower_lr factor must be between 0 and 1, got {values['factor']})")
-    if values.get("skip_batches", 0) < 0 or values.get("steps", 0) < 0:
-        raise ConfigError(f"{error} (counts must be >= 0)")
-    return Action(m["name"], **values)
-
 
 class StabilityError(RuntimeError):
     """The run kept diverging after stability.max_rollbacks rollbacks; the message is the report."""

@@ -6,14 +6,16 @@ import csv
 import pytest
 import torch
 
-from keel.kernels.bench import OPS, Case, Peaks, add_bench_parser, parse_heads, parse_sizes, rates
+from keel.kernels.bench import Peaks, add_bench_parser, rates
+from keel.kernels.bench_ops import OPS, Case, parse_heads, parse_sizes
+from keel.launcher.bench_step import add_step_parser
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 
 
 def bench(argv):
     parser = argparse.ArgumentParser(prog="keel")
-    add_bench_parser(parser.add_subparsers(dest="command"))
+    add_step_parser(add_bench_parser(parser.add_subparsers(dest="command")))
     args = parser.parse_args(["bench", *argv])
     return args.func(args)
 
@@ -75,7 +77,7 @@ def test_each_op_without_gpu_says_so_runs_reference_and_interpreter_and_writes_c
 
 def test_bench_step_times_training_steps_of_a_config(tiny_overrides, corpus_dir, tmp_path, monkeypatch, capsys):
     # The CPU's matmul peak is measured once per machine (seconds); a stated one keeps this test fast.
-    monkeypatch.setattr("keel.training.device._measure_matmul_peak", lambda device, dtype: 1e11)
+    monkeypatch.setattr("keel.kernels.peaks._measure_matmul_peak", lambda device, dtype: 1e11)
     sets = [a for o in [*tiny_overrides, f"data.path={corpus_dir}", "model.n_layers=1"] for a in ("--set", o)]
     rows = bench(["step", "configs/tiny.yaml", *sets, "--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
     (row,) = rows

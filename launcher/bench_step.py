@@ -1,0 +1,86 @@
+"""`keel bench step`: whole training steps of a config, through the trainer itself (one process), reported
+like the per-op benchmarks of kernels/bench.py: median step time, tokens/s, TFLOP/s, MFU, peak memory."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..kernels.bench import add_common_args, report_rows
+from ..training.config import load_config
+from ..training.device import peak_flops, pick_device
+from ..training.flops import count_params, training_flops_per_token
+from ..training.loop import train
+
+STEP_FLOPS = "6*N_matmul_weights + 6*L*H*d*T per token (causal attention counted at half; training/flops.py)"
+
+
+def run_step(args) -> list[dict]:
+    """Train `--steps` steps of CONFIG on this machine in one process (keel's own loop and engine) and
+    report the median step time over the steps after `--warmup`, tokens/s, TFLOP/s, MFU and peak memory."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        print("No CUDA device: timing training steps on the CPU (MFU against this CPU's measured matmul peak).")
+    steps = args.steps or (20 if on_gpu else 4)
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    if steps <= warmup:
+        raise SystemExit(f"keel bench step: --steps {steps} must exceed --warmup {warmup}")
+    out_dir = Path(args.out)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="keel-bench-step-") as runs:
+        # The bench's settings first, so that --set can change any of them; then the measured sizes.
+        fixed = ["train.eval_every=0", "train.eval_batches=1", "checkpoint.interval=0", "checkpoint.resume=never",
+                 "logging.progress=false", "logging.wandb.mode=disabled", "logging.log_every=1000000",
+                 f"train.output_dir={runs}"]
+        base = load_config(args.config, [*fixed, *args.overrides])
+        name = Path(args.config).stem
+        print(f"keel bench step {args.config}: {steps} steps, median over the last {steps - warmup}; "
+              f"FLOPs: {STEP_FLOPS}")
+        for T in (args.seqlen or [base.data.seq_len]):
+            sizes = [f"data.seq_len={T}", f"train.steps={steps}", f"train.name={name}-T{T}"]
+            if T > base.model.max_seq_len:
+                sizes.append(f"model.max_seq_len={T}")
+            cfg = load_config(args.config, [*fixed, *args.overrides, *sizes])
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()  # each sequence length's own peak
+            summary = train(cfg)
+            records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+            steps_run = [r for r in records if r["kind"] == "step"]
+            step_s = statistics.median(r["step_s"] for r in steps_run[warmup:])
+            tokens = cfg.train.global_batch_size * T
+            device = pick_device(cfg.train.device)
+            peak, source = peak_flops(device, cfg.train.precision)
+            flops_per_s = training_flops_per_token(cfg.model, T) * tokens / step_s
+            rows.append(dict(
+                op="step", impl=name, mode="step", seqlen=T, dtype=cfg.train.precision,
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                shape=f"B={cfg.train.global_batch_size} T={T} params={_params(cfg)}",
+                ms=round(step_s * 1e3, 3), tokens_per_s=round(tokens / step_s, 1),
+                tflops=float(f"{flops_per_s / 1e12:.4g}"), gbps=None, pct_peak=round(100 * flops_per_s / peak, 2),
+                peak_mem_mib=round(max(r["peak_mem_gb"] for r in steps_run) * 1e9 / 2**20, 1),
+                max_err=None, tol=None, ok=None,
+                note=f"{tokens / step_s:,.0f} tok/s; final loss {summary.final_loss:.4f}; MFU vs {source}"
+                     + ("; memory is the process's max RSS" if device.type != "cuda" else "")))
+    report_rows(rows, None, out_dir, on_gpu)
+    return rows
+
+
+def _params(cfg) -> str:
+    n = count_params(cfg.model).total
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def add_step_parser(ops: argparse._SubParsersAction) -> None:
+    q = ops.add_parser("step", help="whole training steps of a config on this machine (one process): tokens/s, "
+                       "MFU, peak memory", description=run_step.__doc__)
+    q.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    add_common_args(q)
+    q.add_argument("--steps", type=int, default=None, help="steps per run (GPU default 20, CPU 4)")
+    q.add_argument("--warmup", type=int, default=None, help="first steps left out of the median (GPU 3, CPU 1)")
+    q.set_defaults(func=run_step)
