@@ -330,6 +330,7 @@ def _encoded(tok, batches: Iterator[list[Document]], workers: int, dtype):
 
 def _tokenize(files: list[InputFile], tok, state: dict, partial: Path, job: Job, workers: int,
               batch_bytes: int, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     dtype = _token_dtype(tok.vocab_size)
@@ -341,7 +342,10 @@ def _tokenize(files: list[InputFile], tok, state: dict, partial: Path, job: Job,
                TimeElapsedColumn(), TimeRemainingColumn())
     try:
         # closing(): an interruption stops the worker pool now, not when the generator is collected.
-        with Progress(*columns, disable=not progress, transient=True) as bar, ExitStack() as stack:
+        # On stderr, and only on a terminal: rich leaves a blank line behind even when transient.
+        console = Console(stderr=True)
+        with Progress(*columns, console=console, disable=not (progress and console.is_terminal), transient=True) \
+                as bar, ExitStack() as stack:
             task = bar.add_task("", total=int(file_starts[-1]), docs=0, tokens=0)
             encoded = stack.enter_context(closing(_encoded(tok, _batches(docs, batch_bytes), workers, dtype)))
             for batch, (tokens, lengths) in encoded:
