@@ -50,7 +50,7 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
         for name in sorted(names):
             if name.endswith((".py", ".txt", ".rst")):
                 text = Path(root, name).read_text(errors="replace")
-                pieces += [text[i:i + DOC_CHARS] for i in range(0, len(text), DOC_CHARS) if text[i:i + DOC_CHARS].strip()]
+                pieces += [p for i in range(0, len(text), DOC_CHARS) if (p := text[i:i + DOC_CHARS]).strip()]
     rng, n, size = random.Random(seed), 0, 0
     with open(path, "w") as f:
         while size < mb * 1e6:

@@ -15,7 +15,7 @@ import torch
 from keel.training import corpus
 from keel.training.corpus import DataError, is_validation, prepare, read_meta, stdlib_path
 from keel.training.data import BatchLoader, TokenWindows
-from keel.training.tokenizer import BPETokenizer, load_tokenizer
+from keel.training.tokenizer import load_tokenizer
 
 
 def take(loader, n):
@@ -208,7 +208,7 @@ def running(pid: int) -> bool:
 
 def test_prepare_killed_midway_resumes_without_redoing_committed_chunks_and_matches_an_uninterrupted_run(
         tmp_path, monkeypatch):
-    n_docs = big_jsonl(tmp_path / "docs.jsonl", 8)
+    n_docs = big_jsonl(tmp_path / "docs.jsonl", 4)
     kw = dict(tokenizer="bpe", vocab_size=600, shard_tokens=300_000, batch_bytes=1 << 16, progress=False)
     out, partial = tmp_path / "out", tmp_path / ".out.partial"
     code = (f"from keel.training.corpus import prepare; prepare([{str(tmp_path / 'docs.jsonl')!r}], {str(out)!r}, "
@@ -264,7 +264,8 @@ def test_an_interrupted_prepare_run_again_with_other_arguments_starts_over(tmp_p
     meta = prepare([tmp_path / "docs.jsonl"], tmp_path / "out", val_percent=10, batch_bytes=1 << 15,
                    progress=False, say=notes.append)
     assert sum(calls) == n_docs and not notes  # every document again, no "resuming"
-    assert meta["val_percent"] == 10 and meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == n_docs
+    assert meta["val_percent"] == 10
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == n_docs
 
 
 def peak_rss_mb(tmp_path: Path, source: Path) -> float:

@@ -49,7 +49,8 @@ def hf_tokenizer(folder, specials=("<s>", "</s>"), vocab_size=300, bos="<s>"):
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                           show_progress=False))
     if bos in specials:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     return tok
@@ -62,7 +63,8 @@ def write_jsonl(path, docs):
 
 def split_documents(out, split):
     tok, meta = corpus_tokenizer(out)
-    tokens = np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]])
+    tokens = np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"])
+                             for s in meta["splits"][split]["shards"]])
     ends = np.flatnonzero(tokens == meta["eot"])
     starts = np.concatenate([[0], ends[:-1] + 1])
     return [tok.decode(tokens[a:b]) for a, b in zip(starts, ends)], tokens, meta
@@ -88,7 +90,8 @@ def test_a_user_tokenizer_json_is_recorded_copied_and_decodes_the_corpus_back(tm
 def test_the_end_of_text_token_is_the_configured_eos_else_a_common_spelling_else_named(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     hf_tokenizer(tmp_path / "gpt", specials=("<|endoftext|>", "<|im_end|>"))
-    assert prepare([src], tmp_path / "a", tokenizer=str(tmp_path / "gpt"), progress=False)["eot_token"] == "<|endoftext|>"
+    meta = prepare([src], tmp_path / "a", tokenizer=str(tmp_path / "gpt"), progress=False)
+    assert meta["eot_token"] == "<|endoftext|>"
     (tmp_path / "gpt" / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
     assert prepare([src], tmp_path / "b", tokenizer=str(tmp_path / "gpt"), progress=False)["eot_token"] == "<|im_end|>"
 

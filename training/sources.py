@@ -68,7 +68,13 @@ def _saved_dataset(folder: Path) -> list[Path] | None:
     if not (state.is_file() and (folder / "dataset_info.json").is_file()):
         return None
     files = json.loads(state.read_text()).get("_data_files")
-    return None if files is None else [folder / f["filename"] for f in files]
+    if files is None:
+        return None
+    missing = [f["filename"] for f in files if not (folder / f["filename"]).is_file()]
+    if missing:
+        raise DataError(f"{folder} is a saved dataset missing {', '.join(missing)}; save it again with "
+                        f"save_to_disk, or copy the whole folder")
+    return [folder / f["filename"] for f in files]
 
 
 def _explicit_file(path: Path, key: str) -> InputFile:
@@ -183,6 +189,8 @@ def _read_jsonl(file: InputFile, index: int, column: str) -> Iterator[Document]:
                 if line.strip():
                     yield Document(f"{file.key}:{line_no}", _json_text(file, line_no, line, column), index, raw.n)
         except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+            if not file.path.name.endswith((".gz", ".zst")):
+                raise
             kind = "gzip" if file.path.name.endswith(".gz") else "zstd"
             raise DataError(f"{file.path}: truncated or corrupt {kind} archive ({e}); re-create or re-download "
                             f"it") from e

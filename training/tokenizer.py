@@ -78,8 +78,8 @@ class HFTokenizer:
             raise TokenizerError(f"{path} holds no {FILE}; pass a Hugging Face tokenizer.json file or a folder "
                                  f"holding one (save one with tokenizer.save_pretrained(DIR))")
         label = file.parent.name if file.stem == "tokenizer" and file.parent.name else file.stem
-        json_text = file.read_text()
         try:
+            json_text = file.read_text()
             vocab = _token_names(json_text)
         except Exception as e:  # tokenizers raises a plain Exception on a file it cannot parse
             raise TokenizerError(f"{file} is not a Hugging Face tokenizers file ({e}); pass a tokenizer.json "
@@ -112,7 +112,7 @@ class HFTokenizer:
         return out, lengths
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self._tok.decode([int(i) for i in ids])
 
     def save(self, directory: Path) -> None:
         (Path(directory) / FILE).write_text(self.json_text)
@@ -126,9 +126,12 @@ def find_eot(file: Path, vocab: set[str]) -> str:
     """The end-of-text token of a user's tokenizer: its configured eos, else the first common spelling."""
     config = file.parent / "tokenizer_config.json"
     if config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token")
+        try:
+            eos = json.loads(config.read_text()).get("eos_token")
+        except (ValueError, AttributeError):
+            eos = None  # unreadable: fall back to the common spellings
         eos = eos.get("content") if isinstance(eos, dict) else eos
-        if eos in vocab:
+        if isinstance(eos, str) and eos in vocab:
             return eos
     for candidate in EOT_CANDIDATES:
         if candidate in vocab:
