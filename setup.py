@@ -50,14 +50,18 @@ setup(
         "rich",
         "wandb",
         "tokenizers",
+        # `keel data prepare` reads Parquet and `datasets.save_to_disk` folders (Arrow) and .jsonl.zst.
+        "pyarrow",
+        "zstandard",
         "safetensors",
         "matplotlib",
         # Every run is supervised on Ray, one process included (launcher/).
         "ray[default]==2.60.0",
     ],
     extras_require={
-        # transformers: the Hugging Face round trip is checked against the real library, not a copy of it.
-        "test": ["pytest", "pytest-timeout", "transformers==5.24.0"],
+        # transformers: the Hugging Face round trip is checked against the real library, not a copy of it;
+        # datasets: the tests write real `save_to_disk` folders (keel reads them with pyarrow alone).
+        "test": ["pytest", "pytest-timeout", "transformers==5.24.0", "datasets==5.2.0"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
         "ray": ["ray[default]==2.60.0"],

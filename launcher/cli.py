@@ -110,10 +110,19 @@ def cmd_generate(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from ..training.corpus import prepare
+    from ..training.corpus import default_workers, prepare
 
-    meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_percent=args.val_percent)
+    def say(line: str) -> None:
+        print(f"keel: {line}", file=sys.stderr, flush=True)
+
+    try:
+        meta = prepare(args.sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                       val_percent=args.val_percent, text_column=args.text_column, eot=args.eot,
+                       workers=default_workers() if args.workers is None else args.workers, say=say)
+    except KeyboardInterrupt:
+        print("keel: interrupted; run the same command again to continue after the last committed chunk",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     splits = ", ".join(f"{k}: {v['documents']} documents, {v['tokens']:,} tokens" for k, v in meta["splits"].items())
     print(f"wrote {args.out} ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}; {splits}); "
           f"train on it with --set data.path={args.out}")
@@ -218,12 +227,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command",
                                                                                  required=True, metavar="ACTION")
-    p = data.add_parser("prepare", help="tokenize text files / JSONL into memory-mapped token shards")
-    p.add_argument("sources", nargs="+", help="text files, JSONL files (a \"text\" field per line) or folders")
+    p = data.add_parser("prepare", help="tokenize text, JSONL, Parquet or saved datasets into memory-mapped "
+                                        "token shards (resumable: run it again after an interruption)")
+    p.add_argument("sources", nargs="+",
+                   help="text files (one document each), JSONL (.jsonl, .jsonl.gz, .jsonl.zst; a document a line), "
+                        "Parquet files (a document a row), folders written by datasets' save_to_disk, or folders "
+                        "of any of these")
     p.add_argument("--out", required=True, help="output folder; then train with --set data.path=OUT")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                   help="byte (default, 256 tokens), bpe (trained here on the training split, --vocab-size "
+                        "tokens), or a Hugging Face tokenizer.json file or a folder holding one")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (trained here)")
-    p.add_argument("--val-percent", type=float, default=5.0, help="share of documents held out, by hash")
+    p.add_argument("--val-percent", type=float, default=5.0,
+                   help="share held out for validation: whole documents, by a hash of their path and line/row; "
+                        "with too few documents, the last share of the tokens (default 5)")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the JSONL field or Parquet/Arrow column holding the text (default text)")
+    p.add_argument("--eot", metavar="TOKEN",
+                   help="the end-of-text token of a tokenizer.json, when it is none of <|endoftext|>, </s>, "
+                        "<|end_of_text|>, <eos> nor the eos_token of a tokenizer_config.json beside it")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="tokenizing processes (default: the machine's cores)")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_data_prepare)
     return parser
