@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .corpus import read_meta
 from .flops import count_params, training_flops_per_token
 from .schedule import lr_at
 
@@ -98,7 +99,7 @@ def build_record(cfg: Config, run_dir: Path, data_dir: Path, tasks: dict | None 
         schedule={"name": s.name, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio,
                   "decay_fraction": s.decay_fraction, "lr": cfg.optim.lr, "steps": steps},
         final_lr_ratio=lrs[-1] / cfg.optim.lr, eval_at_end_of_decay=s.name in ("cosine", "wsd"),
-        seed=cfg.train.seed, batch_tokens=batch_tokens, seq_len=T, tokenizer=cfg.data.tokenizer,
+        seed=cfg.train.seed, batch_tokens=batch_tokens, seq_len=T, tokenizer=read_meta(data_dir)["tokenizer"],
         vocab_size=m.vocab_size, data_fingerprint=data_fp, eval_set=eval_set_fingerprint(cfg, data_fp),
         model={"dim": m.dim, "n_layers": m.n_layers, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads,
                "hidden_dim": m.hidden_dim},

@@ -124,9 +124,11 @@ class DataConfig:
     # None = the embedded default corpus (this Python's own standard library sources), prepared on first
     # use. Otherwise a directory written by `keel data prepare`.
     path: Optional[str] = None
+    # The built-in corpus's tokenizer (a prepared data.path brings its own, recorded in its meta.json).
     tokenizer: Literal["byte", "bpe"] = "byte"
     seq_len: int = 256
-    # Percentage of files (by hash of their path) held out for validation when preparing a corpus.
+    # Percentage held out for validation when the built-in corpus is prepared: whole documents by hash of
+    # their path, or the last val_percent of the tokens when documents are too few (training/corpus.py).
     val_percent: float = 5.0
 
     def __post_init__(self):
