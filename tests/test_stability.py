@@ -37,6 +37,19 @@ def test_non_finite_loss_or_gradient_is_flagged_at_once_even_in_warmup():
     assert d.judge(3, 3.0, 1.0).kind == "warmup"
 
 
+def test_disabled_stability_keeps_no_baseline_and_judges_nothing_but_non_finite_steps():
+    from keel.training.config import StabilityConfig
+    from keel.training.stability import Stabilizer
+
+    off = Stabilizer(StabilityConfig(enabled=False))
+    loss, grad = healthy_curve(200, seed=0)
+    loss[150] *= 10  # a spike an enabled detector flags (see the test below)
+    verdicts = [off.judge(i + 1, l, g)[0].kind for i, (l, g) in enumerate(zip(loss, grad))]
+    assert set(verdicts) == {"off"} and len(off.detector.losses) == 0
+    verdict, action = off.judge(201, math.nan, 1.0)
+    assert verdict.kind == "non_finite" and off.drops(verdict, action)  # a NaN update is never applied
+
+
 def test_a_spike_is_flagged_on_its_step_and_does_not_move_the_baseline():
     loss, grad = healthy_curve(300, 0)
     d = SpikeDetector()

@@ -35,7 +35,7 @@ MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard
 
 @dataclass(frozen=True)
 class Verdict:
-    kind: str          # "ok", "warmup", "non_finite", "spike", "divergence"
+    kind: str          # "ok", "warmup", "non_finite", "spike", "divergence"; "off" when stability is disabled
     step: int
     value: float       # the loss
     z_loss: float      # robust z-score of the loss against the baseline (nan during warm-up)
@@ -134,9 +134,13 @@ class Stabilizer:
 
     def judge(self, step: int, loss: float, grad_norm: float) -> tuple[Verdict, Action | None]:
         """The verdict on this step and, for an anomaly, the action to take (its update is dropped)."""
-        verdict = self.detector.judge(step, loss, grad_norm)
-        if not self.cfg.enabled and verdict.kind != "non_finite":
-            return verdict, None
+        if self.cfg.enabled:
+            verdict = self.detector.judge(step, loss, grad_norm)
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
+            # Off means off: no baseline is kept and nothing is judged, except what must never be applied.
+            return Verdict("off", step, loss, math.nan, math.nan), None
+        else:
+            verdict = self.detector.judge(step, loss, grad_norm)  # non-finite: judged without the baseline
         if not verdict.anomalous:
             return verdict, None
         escalate = step - self.last_anomaly <= self.cfg.escalate_within
