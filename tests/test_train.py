@@ -2,8 +2,12 @@
 import json
 
 import pytest
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
+from keel.parallel.local import LocalEngine
 from keel.training.loop import train
+from keel.training.loss import model_loss
 
 
 def losses(run_dir):
@@ -45,6 +49,20 @@ def test_bf16_autocast_trains(tiny_config):
     assert summary.val_loss < summary.first_val_loss
 
 
+def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights_and_loss(tiny_config):
+    cfg = tiny_config("train.precision=bf16")
+    engine = LocalEngine(cfg, torch.device("cpu"))
+    seen = {}
+    for name in ("attention.wq", "feed_forward.w2"):
+        module = engine.model.layers["0"].get_submodule(name)
+        module.register_forward_hook(lambda m, args, out, name=name: seen.update({name: out.dtype}))
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len))
+    loss, ce = model_loss(engine.model, tokens, tokens, cfg.model, engine.compute_context)
+    assert seen == {"attention.wq": torch.bfloat16, "feed_forward.w2": torch.bfloat16}
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}  # the optimizer's masters
+    assert loss.dtype == ce.dtype == torch.float32  # the loss is taken in fp32
+
+
 def test_wandb_offline_writes_a_local_run(tiny_config, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     summary = train(tiny_config("train.steps=3", "logging.wandb.mode=offline"))
@@ -58,7 +76,35 @@ def test_activation_checkpointing_recomputes_without_changing_losses(tiny_config
     assert checkpointed == pytest.approx(plain, rel=1e-6)
 
 
+def saved_for_backward(cfg) -> tuple[int, list[bool]]:
+    """Bytes of activations one forward keeps for the backward, and which blocks are checkpointed."""
+    engine = LocalEngine(cfg, torch.device("cpu"))
+    tokens = torch.randint(0, cfg.model.vocab_size, (8, cfg.data.seq_len))
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model_loss(engine.model, tokens, tokens, cfg.model, engine.compute_context)
+    return total, [isinstance(block, CheckpointWrapper) for block in engine.model.layers.values()]
+
+
+def test_activation_checkpointing_wraps_the_blocks_and_keeps_fewer_activations(tiny_config):
+    plain, wrapped = saved_for_backward(tiny_config("model.n_layers=4"))
+    selective, every_other = saved_for_backward(tiny_config("model.n_layers=4", "parallel.activation_checkpoint=selective"))
+    full, every = saved_for_backward(tiny_config("model.n_layers=4", "parallel.activation_checkpoint=full"))
+    assert wrapped == [False] * 4 and every_other == [True, False, True, False] and every == [True] * 4
+    assert full < selective < plain and full < plain / 3
+
+
 def test_compiled_blocks_train_to_the_same_losses(tiny_config):
     plain = losses(train(tiny_config("train.steps=3")).run_dir)
     compiled = losses(train(tiny_config("train.steps=3", "parallel.compile=true")).run_dir)
     assert compiled == pytest.approx(plain, rel=1e-4)
+    engine = LocalEngine(tiny_config("parallel.compile=true"), torch.device("cpu"))
+    # Module.compile() compiles each block in place (parameter names unchanged); the root is left eager.
+    assert all(block._compiled_call_impl is not None for block in engine.model.layers.values())
+    assert engine.model._compiled_call_impl is None
