@@ -194,8 +194,14 @@ def test_finished_run_is_not_trained_again_and_resume_never_starts_afresh(tiny_c
     assert again.val_loss == first.val_loss and again.first_val_loss == first.first_val_loss
     kinds = [e["kind"] for e in events(first.run_dir)]
     assert "resumed" in kinds
+    old_manifest = (first.run_dir / "checkpoints" / "step_0000010" / "manifest.json").read_text()
     fresh = train(tiny_config("train.steps=10", "checkpoint.interval=10", "checkpoint.resume=never"))
     assert "resumed" not in [e["kind"] for e in events(fresh.run_dir)]
+    # The first run's checkpoints were moved aside whole, not deleted nor mixed with the new run's.
+    (aside,) = fresh.run_dir.glob("checkpoints.before-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000010"]
+    assert (aside / "step_0000010" / "manifest.json").read_text() == old_manifest
+    assert sorted(p.name for p in (fresh.run_dir / "checkpoints").iterdir()) == ["step_0000010"]
 
 
 def test_resume_into_a_different_model_names_the_differences(tiny_config):

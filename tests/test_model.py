@@ -53,7 +53,13 @@ def test_tied_embeddings_share_one_tensor_and_qk_norm_adds_gains():
     tied = materialise(ModelConfig(**CFG, tie_embeddings=True, qk_norm=True))
     assert tied.output.weight is tied.tok_embeddings.weight
     assert tied.layers["0"].attention.q_norm is not None
-    tied(torch.randint(0, 256, (1, 8))).sum().backward()  # trains through both
+    tied(torch.randint(0, 256, (1, 8))).sum().backward()
+    # Trains through both: the shared matrix gets one gradient (embedding rows and output rows summed),
+    # and every gain of the query/key norms gets its own.
+    assert tied.tok_embeddings.weight.grad is not None and tied.tok_embeddings.weight.grad.abs().sum() > 0
+    for norm in (tied.layers["0"].attention.q_norm, tied.layers["0"].attention.k_norm):
+        assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in tied.parameters())
 
 
 def test_fresh_model_predicts_nearly_uniform_and_z_loss_adds_a_penalty():
