@@ -70,6 +70,13 @@ def check_layout(cfg, dims: ParallelDims) -> None:
             # and up are plain local shards, so rope/swiglu/attention kernels are fine.)
             raise LayoutError(f"model.rmsnorm.impl={m.rmsnorm.impl} cannot run with parallel.tp > 1 (sequence-"
                               f"parallel norms run on DTensors); set model.rmsnorm.impl=auto or torch")
+        if p.compile:
+            # Measured (tests/test_parallel.py, torch 2.13 on gloo): a compiled block's backward hands the
+            # sequence-parallel redistribution a plain tensor where it expects a DTensor, and every rank
+            # fails with "'Tensor' object has no attribute '_local_tensor'".
+            raise LayoutError("parallel.compile=true with parallel.tp > 1 fails in the compiled backward of the "
+                              "tensor-parallel blocks (torch's DTensor redistribution); set parallel.compile=false "
+                              "or parallel.tp=1")
         if m.z_loss and p.loss_parallel:
             raise LayoutError("model.z_loss needs the full logits; with parallel.tp > 1 set "
                               "parallel.loss_parallel=false")

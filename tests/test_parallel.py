@@ -27,6 +27,16 @@ LAYOUTS = {
     "dp_shard=2 x tp=2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "pp=2 x tp=2": (4, ["parallel.pp=2", "parallel.tp=2"]),
     "dp_replicate=2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+    "HSDP dp_replicate=2 x dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "pp=2 (GPipe)": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp=2 x 2 stages (Interleaved1F1B)": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                              "parallel.pp_stages_per_rank=2"]),
+    "pp=2 x 2 stages (InterleavedZeroBubble)": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_zero_bubble",
+                                                    "parallel.pp_stages_per_rank=2"]),
+    "tp=2, loss_parallel=false": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
+    "dp_shard=2 x tp=2, activation checkpointing": (4, ["parallel.dp_shard=2", "parallel.tp=2",
+                                                        "parallel.activation_checkpoint=full"]),
+    "dp_shard=2, compiled blocks": (2, ["parallel.dp_shard=2", "parallel.compile=true"]),
 }
 
 
@@ -84,3 +94,5 @@ def test_impossible_layouts_fail_before_any_model_is_built():
         layout(4, "train.micro_batch_size=8")
     with pytest.raises(LayoutError, match=r"tie_embeddings .* cannot be combined with parallel.tp > 1"):
         layout(2, "parallel.tp=2", "model.tie_embeddings=true")
+    with pytest.raises(LayoutError, match=r"parallel.compile=true with parallel.tp > 1 fails .* set parallel.compile=false"):
+        layout(2, "parallel.tp=2", "parallel.compile=true")

@@ -114,6 +114,21 @@ def test_injected_nan_gradient_is_never_applied(tiny_config):
     assert all(torch.isfinite(t).all() for t in full_model_state(folder / "step_0000008").values())
 
 
+def test_lower_lr_scales_the_learning_rate_for_its_window_then_restores_it(tiny_config):
+    import json
+
+    from keel.training.loop import train
+
+    summary = train(tiny_config("train.steps=40", "schedule.name=constant", "schedule.warmup_steps=1",
+                                "fault.inject=[nan@20]", "stability.actions=['lower_lr(factor=0.25, steps=10)']"))
+    assert [(i["step"], i["action"]) for i in summary.incidents] == [(20, "lower_lr(factor=0.25, steps=10)")]
+    records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
+    base = lr[19]
+    assert all(lr[s] == pytest.approx(0.25 * base) for s in range(20, 31))  # from the anomaly to step 30
+    assert lr[31] == pytest.approx(base) and lr[40] == pytest.approx(base)
+
+
 def test_garbage_batches_are_caught_rolled_back_skipped_and_the_run_ends_within_2_percent(tiny_config):
     from keel.training.loop import train
 
