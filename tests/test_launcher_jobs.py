@@ -98,6 +98,9 @@ def test_submit_runs_the_job_and_status_logs_list_report_it(head, job_dir, corpu
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().splitlines()[-1]
     assert job.startswith("keel-tiny-")
+    # --follow streams the log as it grows and returns when the job ends.
+    followed = keel("logs", job, "--follow", "--address", head["url"], home=head["home"], timeout=300)
+    assert followed.returncode == 0 and "done: 5 steps" in followed.stdout, followed.stderr[-2000:]
     status = wait_for(head, job, ["SUCCEEDED", "FAILED", "STOPPED"])
     logs = keel("logs", job, "--address", head["url"], home=head["home"]).stdout
     assert f"{job}: SUCCEEDED" in status, status + logs[-3000:]
