@@ -34,8 +34,7 @@ LAYOUTS = {
     "pp=2 x 2 stages (InterleavedZeroBubble)": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_zero_bubble",
                                                     "parallel.pp_stages_per_rank=2"]),
     "tp=2, loss_parallel=false": (2, ["parallel.tp=2", "parallel.loss_parallel=false"]),
-    "dp_shard=2 x tp=2, activation checkpointing": (4, ["parallel.dp_shard=2", "parallel.tp=2",
-                                                        "parallel.activation_checkpoint=full"]),
+    "tp=2, activation checkpointing": (2, ["parallel.tp=2", "parallel.activation_checkpoint=full"]),
     "dp_shard=2, compiled blocks": (2, ["parallel.dp_shard=2", "parallel.compile=true"]),
 }
 
@@ -72,6 +71,19 @@ def test_layout_matches_single_process_losses_at_every_step(name, reference, std
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
     assert worst <= 1e-4, f"{name}: worst relative difference {worst:.2e}\n{losses}\n{reference}"
     assert reference[-1] < reference[0] - 1.0  # and the run actually learned
+
+
+def test_bf16_under_fsdp_mixed_precision_follows_the_single_process_bf16_run(stdlib_corpus, tmp_path):
+    # FSDP casts the gathered weights to bf16 (its mixed-precision policy) where one process autocasts
+    # each matmul: different roundings of the same bf16 training. They agree closely at first; the
+    # rounding differences then grow step by step (measured: 2e-6 at step 1, 4% by step 19), so the
+    # later steps are held to bf16's looser bound. Both must learn.
+    bf16 = ["train.precision=bf16"]
+    single = run_layout(tmp_path / "single", 1, bf16, stdlib_corpus)
+    sharded = run_layout(tmp_path / "fsdp", 2, [*bf16, "parallel.dp_shard=2"], stdlib_corpus)
+    relative = [abs(a - b) / abs(b) for a, b in zip(sharded, single)]
+    assert max(relative[:5]) <= 1e-3 and max(relative) <= 8e-2, f"{relative}\n{sharded}\n{single}"
+    assert sharded[-1] < sharded[0] - 1.0 and single[-1] < single[0] - 1.0
 
 
 def layout(world_size, *overrides):
