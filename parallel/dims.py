@@ -53,6 +53,9 @@ class ParallelDims:
 def check_layout(cfg, dims: ParallelDims) -> None:
     """Model- and batch-dependent checks, before any process builds anything (cfg: training Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
+    if p.engine != "native":
+        raise LayoutError(f"parallel.engine={p.engine} is not built yet (the DeepSpeed and megatron-core engines "
+                          f"are issue 15's work); use parallel.engine=native")
     if dims.tp > 1:
         for name in ("n_heads", "n_kv_heads"):
             if getattr(m, name) % dims.tp:
