@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench gpu-check install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -q $(ARGS)
+
+# The prepared GPU check (benchmarks/gpu_check.py), about 8 minutes on an H100/H200. It installs nothing: on
+# the bare GPU machine it runs from this tree with that machine's python3 (.venv does not travel there);
+# here, with the venv's. ARGS=--dry-run runs every stage at tiny sizes on the CPU (CI does, in the tests).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)
 
 bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/overhead.py

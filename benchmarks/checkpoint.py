@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_step(engine: LocalEngine, cfg) -> None:
-    tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1))
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), device=engine.device)
     engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
     engine.optimizer_step(1e-4)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# Attention through SDPA with one backend forced, to compare keel's kernels against each of PyTorch's.
+SDPA_FORCED = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,11 +133,13 @@ def max_err(pairs) -> tuple[float, float]:
 
 class Attention(Op):
     name, bound = "attention", "compute"
-    impls = ("sdpa", "triton", "cuda", "flash_attn")
+    impls = ("sdpa", "triton", "cuda", "flash_attn", *SDPA_FORCED, "compile")
     cpu_impls = ("sdpa", "triton")
     flop_formula = ("fwd = 4*B*H*T*T*d (QK^T and PV, 2 FLOPs per multiply-add), x0.5 when causal; bwd = 2.5x fwd "
                     "(5 matmuls vs 2; recomputation not counted); fwd+bwd = 3.5x fwd")
-    help = "attention backends (attention(impl=...)): sdpa, triton, cuda (forward only), flash_attn"
+    help = ("attention backends (attention(impl=...)): sdpa, triton, cuda (forward only), flash_attn; and, to "
+            "compare against, one SDPA backend forced (sdpa_flash, sdpa_cudnn, sdpa_efficient) and compile "
+            "(torch.compile of the plain softmax(QK^T)V math)")
 
     def add_args(self, p):
         p.add_argument("--heads", type=parse_heads, default=None, metavar="H/K",
@@ -148,6 +152,12 @@ class Attention(Op):
         args.head_dim = args.head_dim or (128 if on_gpu else 32)
 
     def check(self, impl, args, device, dtype, mode):
+        if impl == "compile":
+            return
+        if impl in SDPA_FORCED:
+            if device != "cuda" and impl != "sdpa_flash":  # PyTorch's CPU SDPA has a flash kernel, no other
+                raise ValueError(f"{impl} needs a CUDA device")
+            return
         from .attention import check_attention_impl
         check_attention_impl(impl, args.head_dim, dtype, device, requires_grad=mode != "fwd")
 
@@ -160,8 +170,12 @@ class Attention(Op):
         return Case([q, k, v], shape=f"B={B} H={H} K={K} T={T} d={d}", tokens=B * T)
 
     def run(self, impl, case, args):
-        from .attention import attention
         q, k, v = case.inputs
+        if impl in SDPA_FORCED:
+            return (_sdpa_forced(impl, q, k, v, args.causal),)
+        if impl == "compile":
+            return (_compiled_fn("attention", _plain_attention)(q, k, v, args.causal),)
+        from .attention import attention
         return (attention(q, k, v, causal=args.causal, impl=impl),)
 
     def flops(self, args, case, mode):
@@ -324,14 +338,15 @@ class RoPE(Op):
 
 class CrossEntropy(Op):
     name, bound = "cross_entropy", "compute"
-    impls = ("unfused", "chunked", "triton", "liger")
+    impls = ("unfused", "chunked", "triton", "liger", "compile")
     cpu_impls = ("unfused", "chunked", "triton")
     flop_formula = ("fwd = 2*N*D*V (the logits matmul; softmax not counted); bwd = 4*N*D*V (grad hidden and grad "
                     "weight); fwd+bwd = 6*N*D*V. The fused impls compute the gradients inside a forward that "
                     "needs them: time them as fwd+bwd")
     byte_formula = ("fwd = (N*D + V*D)*s (read hidden and weight once); bwd = fwd+bwd = 2*(N*D + V*D)*s (and "
                     "write both gradients); logits never counted, which is the point of fusing")
-    help = "fused linear + cross-entropy (kernels/cross_entropy.py): unfused, chunked, triton, liger; peak memory"
+    help = ("fused linear + cross-entropy (kernels/cross_entropy.py): unfused, chunked, triton, liger, compile "
+            "(torch.compile of the unfused math); peak memory")
 
     def add_args(self, p):
         p.add_argument("--vocab", type=int, default=None, help="V (GPU default 128256, CPU 512)")
@@ -345,14 +360,15 @@ class CrossEntropy(Op):
         args.dim = args.dim or (4096 if on_gpu else 64)
 
     def check(self, impl, args, device, dtype, mode):
-        from .cross_entropy import check_cross_entropy_impl
-        check_cross_entropy_impl(impl, device)
+        if impl != "compile":
+            from .cross_entropy import check_cross_entropy_impl
+            check_cross_entropy_impl(impl, device)
         if mode == "bwd" and not self.supports_bwd_alone(impl):
             raise ValueError(f"'{impl}' computes its gradients in the forward and hands them over once (no "
                              "retained-graph backward): time it as fwd+bwd")
 
     def supports_bwd_alone(self, impl):
-        return impl == "unfused"
+        return impl in ("unfused", "compile")
 
     def make(self, args, T, dtype, device):
         gen = torch.Generator().manual_seed(0)
@@ -366,6 +382,9 @@ class CrossEntropy(Op):
     def run(self, impl, case, args):
         from .cross_entropy import fused_linear_cross_entropy
         hidden, weight = case.inputs
+        if impl == "compile":
+            return (_compiled_fn("cross_entropy", _plain_linear_cross_entropy)(hidden, weight, case.extra["targets"],
+                                                                               args.z_loss),)
         loss, _ce = fused_linear_cross_entropy(hidden, weight, case.extra["targets"], z_loss=args.z_loss, impl=impl,
                                                chunk_size=args.chunk_size)
         return (loss,)
@@ -397,6 +416,51 @@ class CrossEntropy(Op):
         return (1 if mode == "fwd" else 2) * (case.tokens + args.vocab) * args.dim * elem_size(dtype)
 
 
+def _plain_linear_cross_entropy(hidden, weight, targets, z_loss):
+    """The unfused LM head and loss in plain tensor ops (fp32 logits): what torch.compile is given."""
+    logits = (hidden @ weight.t()).float()
+    loss = F.cross_entropy(logits, targets)
+    return loss + z_loss * logits.logsumexp(-1).square().mean() if z_loss else loss
+
+
+def _sdpa_forced(impl, q, k, v, causal):
+    """SDPA restricted to one backend: a backend that cannot run the case raises (the row reports it) instead
+    of SDPA quietly choosing another. K/V heads are broadcast with enable_gqa where the backend takes it,
+    else repeated in memory (the note says which)."""
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(_sdpa_backend(impl)):
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and _GQA_REFUSED.get(impl):
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            gqa = False
+        try:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        except RuntimeError:
+            if not gqa:
+                raise
+            _GQA_REFUSED[impl] = True  # this backend has no GQA: from now on repeat K/V heads for it
+            return _sdpa_forced(impl, q, k, v, causal)
+
+
+def _plain_attention(q, k, v, causal):
+    """softmax(QK^T / sqrt(d)) V in plain tensor ops, K/V heads repeated: what torch.compile is given."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        T = q.shape[2]
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def _sdpa_backend(impl: str):
+    from torch.nn.attention import SDPBackend
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[impl]
+
+
+_GQA_REFUSED: dict[str, bool] = {}
 _COMPILED = {}
 
 

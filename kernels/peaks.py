@@ -29,8 +29,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu x{torch.get_num_threads()} threads"
 
 
-def _measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 2048
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """FLOP/s of the best of ten timed n x n x n matmuls (n = 8192 on a GPU, 2048 on a CPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: first call pays for kernel selection and page faults
@@ -45,6 +46,24 @@ def _measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - t0) / 3)
     return 2 * n ** 3 / best
+
+
+def measure_copy_bandwidth(device: torch.device, n_bytes: int = 2 << 30) -> float:
+    """Bytes/s of the best of ten device-to-device copies of n_bytes, counting each byte read and written (the
+    convention of the published bandwidths and of `keel bench`'s GB/s)."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    best = float("inf")
+    for _ in range(10):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best
 
 
 def peak_bandwidth(device: torch.device) -> tuple[float | None, str]:
@@ -72,11 +91,11 @@ def peak_flops(device: torch.device, precision: str, cache: Path | None = None) 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     source = f"measured {str(dtype).removeprefix('torch.')} matmul peak on {name}"
     if cache is None:
-        return _measure_matmul_peak(device, dtype), source
+        return measure_matmul_peak(device, dtype), source
     key = f"{name}|{dtype}"
     table = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in table:
-        table[key] = _measure_matmul_peak(device, dtype)
+        table[key] = measure_matmul_peak(device, dtype)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=2))

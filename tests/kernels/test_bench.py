@@ -77,7 +77,7 @@ def test_each_op_without_gpu_says_so_runs_reference_and_interpreter_and_writes_c
 
 def test_bench_step_times_training_steps_of_a_config(tiny_overrides, corpus_dir, tmp_path, monkeypatch, capsys):
     # The CPU's matmul peak is measured once per machine (seconds); a stated one keeps this test fast.
-    monkeypatch.setattr("keel.kernels.peaks._measure_matmul_peak", lambda device, dtype: 1e11)
+    monkeypatch.setattr("keel.kernels.peaks.measure_matmul_peak", lambda device, dtype: 1e11)
     sets = [a for o in [*tiny_overrides, f"data.path={corpus_dir}", "model.n_layers=1"] for a in ("--set", o)]
     rows = bench(["step", "configs/tiny.yaml", *sets, "--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
     (row,) = rows
