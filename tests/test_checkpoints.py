@@ -74,17 +74,18 @@ def stdlib_corpus():
 @pytest.mark.parametrize("nproc, layout", [(1, ["checkpoint.async_save=false"]), (2, ["parallel.dp_shard=2"])],
                          ids=["1 process, sync save", "dp_shard=2, async save"])
 def test_resume_after_sigkill_replays_identical_losses(nproc, layout, stdlib_corpus, tmp_path):
-    overrides = ["train.steps=40", *layout]
+    # Saves every 5 steps; killed 3 steps past the one at 10, so the resume replays steps 11-13 and goes on.
+    overrides = ["train.steps=16", "checkpoint.interval=5", *layout]
     straight = ok(keel_train(tmp_path, "straight", overrides, nproc, stdlib_corpus))
-    killed = keel_train(tmp_path, "killed", [*overrides, "fault.inject=[kill@23]"], nproc, stdlib_corpus)
+    killed = keel_train(tmp_path, "killed", [*overrides, "fault.inject=[kill@13]"], nproc, stdlib_corpus)
     assert killed.returncode != 0, "the injected SIGKILL did not stop the run"
-    assert max(step_losses(tmp_path / "killed")) == 23
+    assert max(step_losses(tmp_path / "killed")) == 13
 
     resumed = ok(keel_train(tmp_path, "killed", overrides, nproc, stdlib_corpus))
-    assert "resumed: step=20" in resumed.stdout
+    assert "resumed: step=10" in resumed.stdout
     want, got = step_losses(tmp_path / "straight"), step_losses(tmp_path / "killed")
-    assert [got[s] for s in range(21, 41)] == [want[s] for s in range(21, 41)]  # bit-identical
-    assert "done: 40 steps" in straight.stdout
+    assert [got[s] for s in range(11, 17)] == [want[s] for s in range(11, 17)]  # bit-identical
+    assert "done: 16 steps" in straight.stdout
 
 
 # -- an interrupted or damaged save is never loaded ---------------------------------------------------
