@@ -20,11 +20,12 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def initial_values(cfg: ModelConfig, seed: int) -> Callable[[str, torch.Size], torch.Tensor]:
-    """name, full shape -> the parameter's starting value: random (training.model.initial_value), or read
-    from the Hugging Face checkpoint named by model.init_from."""
+def initial_values(cfg: ModelConfig, seed: int,
+                   device: torch.device | str = "cpu") -> Callable[[str, torch.Size], torch.Tensor]:
+    """name, full shape -> the parameter's starting value: random (training.model.initial_value, drawn on
+    `device`), or read from the Hugging Face checkpoint named by model.init_from."""
     if cfg.init_from is None:
-        return lambda name, shape: initial_value(cfg, name, shape, seed)
+        return lambda name, shape: initial_value(cfg, name, shape, seed, device)
     from ..checkpoints.hf import HFWeights
     from ..checkpoints.hf_config import hf_path
 
@@ -38,7 +39,7 @@ def materialise(model: Transformer, device: torch.device, seed: int) -> None:
     model.to_empty(device=device)
     model.tie_weights()  # to_empty() materialises each module's parameters separately, untying them
     model.init_buffers()
-    value_of = initial_values(model.cfg, seed)
+    value_of = initial_values(model.cfg, seed, device)
     for name, param in model.named_parameters():
         # A DTensor's shape is the full tensor's, so each rank reads (or draws) the whole and keeps its shard.
         full = value_of(canonical_name(name), param.shape)
