@@ -12,7 +12,9 @@ import pytest
 import torch
 
 DRY_RUN = os.environ.get("KEEL_GPU_DRY_RUN") == "1" and not torch.cuda.is_available()
-if DRY_RUN:  # before any Triton kernel module is imported: they read it at import
+if not torch.cuda.is_available():
+    # Before any Triton kernel module is imported (they read it at import, and pytest collects this folder
+    # before tests/kernels/, whose conftest sets the same): without a GPU only the interpreter can run them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
