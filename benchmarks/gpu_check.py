@@ -224,7 +224,7 @@ def stage_checkpoint(args) -> dict:
     layout = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1}
     trainer = {"step": 1, "tokens": 0, "first_val_loss": 0.0, "loader": {}, "stability": {}}
     saver = Checkpointer(config_to_dict(cfg), folder / "ckpt", 0, 1, layout)
-    rows = []
+    rows, rows_file = [], args.work / "checkpoint.rows.jsonl"
     try:
         # One save: the 1B model with its AdamW state is ~20 GB, and this disk also holds dd's copy meanwhile.
         for repeat in range(1):
@@ -233,6 +233,11 @@ def stage_checkpoint(args) -> dict:
             save_s = time.perf_counter() - t0
             n_bytes = sum(p.stat().st_size for p in saver.last_committed.iterdir())
             dd_s = raw_write_seconds(folder, n_bytes)
+            row = {"repeat": repeat, "params": count_params(cfg.model).total, "bytes": n_bytes,
+                   "save_s": round(save_s, 3), "dd_s": round(dd_s, 3), "save_gbps": round(n_bytes / save_s / 1e9, 3),
+                   "dd_gbps": round(n_bytes / dd_s / 1e9, 3), "save_vs_dd": round(dd_s / save_s, 3)}
+            print(row, flush=True)
+            _append_rows(rows_file, [row])  # kept if the restore runs out of time
             fresh = LocalEngine(cfg, device)
             loader = Checkpointer(config_to_dict(cfg), folder / "ckpt", 0, 1, layout)
             t0 = time.perf_counter()
@@ -244,17 +249,14 @@ def stage_checkpoint(args) -> dict:
             same = all(torch.equal(a, b) for a, b in zip(engine.model.state_dict().values(),
                                                          fresh.model.state_dict().values()))
             del fresh
-            rows.append({"repeat": repeat, "params": count_params(cfg.model).total, "bytes": n_bytes,
-                         "save_s": round(save_s, 3), "dd_s": round(dd_s, 3), "restore_s": round(restore_s, 3),
-                         "save_gbps": round(n_bytes / save_s / 1e9, 3), "dd_gbps": round(n_bytes / dd_s / 1e9, 3),
-                         "save_vs_dd": round(dd_s / save_s, 3), "restored_equal": same})
+            rows.append({**row, "restore_s": round(restore_s, 3), "restored_equal": same})
             print(rows[-1])
+            rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
             if not same:
                 raise SystemExit("the restored model differs from the saved one")
     finally:
         saver.close()
         shutil.rmtree(folder, ignore_errors=True)
-    _append_rows(args.work / "checkpoint.rows.jsonl", rows)
     last = rows[-1]
     return {"headline": f"{last['bytes'] / 1e9:.2f} GB: save {last['save_gbps']} GB/s, dd {last['dd_gbps']} GB/s, "
                         f"restore {last['restore_s']} s"}
