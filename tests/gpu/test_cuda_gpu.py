@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from keel.kernels.attention import CUDA_HEAD_DIMS
-from test_kernels_gpu import ATTENTION, DTYPES, check, check_rms_norm, doc_ids, randn, reference_attention
+from test_kernels_gpu import (ATTENTION, ATTENTION_TOL, DTYPES, attention_name, check, check_rms_norm, doc_ids,
+                              randn, reference_attention)
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,8 @@ def cuda_ops(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", range(4))
 def test_cuda_attention_forward(device, poison, case, dtype, cuda_ops):
-    name, B, H, K, T, d, causal, lengths = ATTENTION[device][case]
+    name = attention_name("cuda", ATTENTION[device][case])
+    _, B, H, K, T, d, causal, lengths = ATTENTION[device][case]
     if d not in CUDA_HEAD_DIMS:
         pytest.skip(f"the CUDA kernel is built for head dims {CUDA_HEAD_DIMS}")
     from keel.kernels.cuda_ops import cuda_attention_fwd
@@ -33,7 +35,7 @@ def test_cuda_attention_forward(device, poison, case, dtype, cuda_ops):
     ids = doc_ids(lengths, T, device) if lengths else None
     with poison(), torch.no_grad():
         out = cuda_attention_fwd(q, k, v, causal=causal, doc_ids_BT=ids)
-    check(name, "out", out, reference_attention(q, k, v, causal, ids), dtype)
+    check(name, "out", out, reference_attention(q, k, v, causal, ids), dtype, ATTENTION_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
