@@ -426,7 +426,7 @@ def _plain_linear_cross_entropy(hidden, weight, targets, z_loss):
 def _sdpa_forced(impl, q, k, v, causal):
     """SDPA restricted to one backend: a backend that cannot run the case raises (the row reports it) instead
     of SDPA quietly choosing another. K/V heads are broadcast with enable_gqa where the backend takes it,
-    else repeated in memory (the note says which)."""
+    else repeated in memory (which backends refused is remembered in _GQA_REFUSED, not reported)."""
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel(_sdpa_backend(impl)):
         gqa = k.shape[1] != q.shape[1]

@@ -62,11 +62,14 @@ def run_step(args) -> list[dict]:
             steps_run = [r for r in records if r["kind"] == "step"]
             step_s = statistics.median(r["step_s"] for r in steps_run[warmup:])
             peak_gb = max(r["peak_mem_gb"] for r in steps_run)
-            row = _row(cfg, name, step_s, peak_gb, f"final loss {summary.final_loss:.4f}")
+            # Measured once per run where the device has no published peak (a CPU): both rows share it.
+            peak = peak_flops(pick_device(cfg.train.device), cfg.train.precision)
+            row = _row(cfg, peak, name, step_s, peak_gb, f"final loss {summary.final_loss:.4f}")
             rows.append(row)
             if args.baseline:
                 bare_s, bare_peak_gb, bare_loss = bare_loop(cfg, steps, warmup)
-                bare = _row(cfg, f"{name} bare PyTorch loop", bare_s, bare_peak_gb, f"final loss {bare_loss:.4f}")
+                bare = _row(cfg, peak, f"{name} bare PyTorch loop", bare_s, bare_peak_gb,
+                            f"final loss {bare_loss:.4f}")
                 ratio = bare_s / step_s  # keel tokens/s over the bare loop's
                 row.update(vs_bare=round(ratio, 4), note=row["note"] + f"; keel/bare {ratio:.3f}")
                 rows.append(bare)
@@ -74,10 +77,10 @@ def run_step(args) -> list[dict]:
     return rows
 
 
-def _row(cfg, impl: str, step_s: float, peak_gb: float, note: str) -> dict:
+def _row(cfg, peak_and_source: tuple[float, str], impl: str, step_s: float, peak_gb: float, note: str) -> dict:
     T, tokens = cfg.data.seq_len, cfg.train.global_batch_size * cfg.data.seq_len
     device = pick_device(cfg.train.device)
-    peak, source = peak_flops(device, cfg.train.precision)
+    peak, source = peak_and_source
     flops_per_s = training_flops_per_token(cfg.model, T) * tokens / step_s
     return dict(
         op="step", impl=impl, mode="step", seqlen=T, dtype=cfg.train.precision,
