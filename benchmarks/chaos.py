@@ -259,7 +259,7 @@ class Tail:
         for line in complete.splitlines():
             try:
                 new.append(json.loads(line))
-            except ValueError:  # the launcher rewrote events.jsonl under us (EventLog.merge): skip the piece
+            except ValueError:  # rewritten under us (a fresh start drops the older lines): skip the piece
                 continue
         self.records.extend(new)
         return new

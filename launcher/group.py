@@ -138,6 +138,9 @@ class RankWorker:
             if kind == "beat":
                 with self.lock:
                     records.append(payload)
+            elif kind == "event":  # rank 0's training events travel with its beats to the supervisor
+                with self.lock:
+                    records.append({"time": payload["time"], "phase": "event", "event": payload})
             else:
                 last = (kind, payload)
         proc.join()
@@ -177,8 +180,8 @@ class RankWorker:
         return self.outcome
 
     def heartbeat(self, attempt: int, seen: int = 0) -> list[dict]:
-        """Attempt `attempt`'s beats after the first `seen` (the supervisor asks for what it has not seen);
-        none while that attempt has not started here. Counted by arrival, not by step number: after a
+        """Attempt `attempt`'s beats (and rank 0's events, as beats of phase "event") after the first
+        `seen` (the supervisor asks for what it has not seen); none while that attempt has not started here. Counted by arrival, not by step number: after a
         loss-spike rollback the loop steps backwards, and its replayed steps are progress too."""
         with self.lock:
             return self.records[seen:] if attempt == self.attempt else []
@@ -235,8 +238,11 @@ def _train_process(cfg, env: dict, args: RankEnvArgs, send) -> None:
     def beat(record: dict) -> None:
         send.send(("beat", {"time": time.time(), **{k: record[k] for k in BEAT_FIELDS if k in record}}))
 
+    def event(record: dict) -> None:
+        send.send(("event", record))
+
     try:
-        summary = train(cfg, RankEnv(args.rank, args.device_index, args.world_size), on_beat=beat)
+        summary = train(cfg, RankEnv(args.rank, args.device_index, args.world_size), on_beat=beat, on_event=event)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the actor, which re-raises it
         from ..training.run import user_errors
 

@@ -64,26 +64,25 @@ class Attempt:
 
 
 class EventLog:
-    """Launcher events, appended to the run's events.jsonl as they happen (the rank-0 logger writes the
-    training events into the same file); `merge` restores any a fresh restart truncated away."""
+    """The run's events.jsonl, and its only writer while the run is supervised: the launcher's own events
+    and rank 0's training events, which travel with its heartbeats, are appended as they arrive. A run that
+    starts from step 0 (rank 0's `run_start` with `fresh`) drops the lines from before this launch, as an
+    inline run's fresh start truncates the file; a restart that starts from step 0 again keeps them."""
 
     def __init__(self, path: Path):
         self.path, self.events = path, []
 
     def write(self, kind: str, **fields) -> None:
-        event = {"kind": kind, "time": time.time(), "source": "launcher", **fields}
+        self.append({"kind": kind, "time": time.time(), "source": "launcher", **fields})
+
+    def append(self, event: dict) -> None:
         self.events.append(event)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if event["kind"] == "run_start" and event.get("fresh"):
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
-
-    def merge(self) -> None:
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        present = {line for line in lines}
-        missing = [json.dumps(e) for e in self.events if json.dumps(e) not in present]
-        if missing:
-            records = sorted([json.loads(x) for x in lines + missing], key=lambda e: e.get("time", 0))
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def say(message: str) -> None:
@@ -210,70 +209,77 @@ class Supervisor:
             now = time.time()
             for beat in beats:
                 clock.observe(rank, beat, now)
+                if beat.get("phase") == "event":
+                    self.log.append(beat["event"])
             if rank == 0:
                 attempt.steps.extend(b for b in beats if b.get("phase", "step") == "step")
 
-        next_poll = next_state_check = time.time()
-        while True:
-            # At most one round of polls per POLL_S: an actor answers a heartbeat poll at once, with or without
-            # news, so an unpaced loop spins on Ray calls. Measured on 2 cores: the driver and the rank's actor
-            # took ~0.7 of a core between them, and a one-process run trained at 0.39x its inline tokens/s.
-            time.sleep(max(0.0, next_poll - time.time()))
-            next_poll = time.time() + POLL_S
-            for rank, w in enumerate(group.workers):
-                if rank not in pending and rank not in done:
-                    pending[rank] = w.heartbeat.remote(group.attempt, seen[rank])
-            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
-            for rank, ref in list(pending.items()):
-                if ref not in ready:
-                    continue
-                del pending[rank]
-                try:
-                    take(rank, ray.get(ref, timeout=5))
-                except (RayActorError, GetTimeoutError):
-                    continue  # the run ref tells the story
-            finished, _ = ray.wait(group.run_refs, num_returns=len(group.run_refs), timeout=0)
-            for ref in finished:
-                rank = group.run_refs.index(ref)
-                if rank in done:
-                    continue
-                try:
-                    done[rank] = ray.get(ref, timeout=5)
-                except Exception as e:  # noqa: BLE001 - any way a rank ends badly is a failure
-                    attempt.failure = self.classify(group, rank, e, clock.newest_step)
+        try:
+            next_poll = next_state_check = time.time()
+            while True:
+                # At most one round of polls per POLL_S: an actor answers a heartbeat poll at once, with or
+                # without news, so an unpaced loop spins on Ray calls. Measured on 2 cores: the driver and the
+                # rank's actor took ~0.7 of a core between them, and a one-process run trained at 0.39x its
+                # inline tokens/s.
+                time.sleep(max(0.0, next_poll - time.time()))
+                next_poll = time.time() + POLL_S
+                for rank, w in enumerate(group.workers):
+                    if rank not in pending and rank not in done:
+                        pending[rank] = w.heartbeat.remote(group.attempt, seen[rank])
+                ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
+                for rank, ref in list(pending.items()):
+                    if ref not in ready:
+                        continue
+                    del pending[rank]
+                    try:
+                        take(rank, ray.get(ref, timeout=5))
+                    except (RayActorError, GetTimeoutError):
+                        continue  # the run ref tells the story
+                finished, _ = ray.wait(group.run_refs, num_returns=len(group.run_refs), timeout=0)
+                for ref in finished:
+                    rank = group.run_refs.index(ref)
+                    if rank in done:
+                        continue
+                    try:
+                        done[rank] = ray.get(ref, timeout=5)
+                    except Exception as e:  # noqa: BLE001 - any way a rank ends badly is a failure
+                        attempt.failure = self.classify(group, rank, e, clock.newest_step)
+                        return None
+                if len(done) == n:
+                    return done[0]
+                now = time.time()
+                if now >= next_state_check and (suspects := clock.suspects(now, set(done))):
+                    next_state_check = now + STATE_CHECK_S
+                    frozen = self._frozen(group)
+                    if frozen is not None:
+                        c = clock.clocks[frozen]
+                        detail = (f"rank {frozen}'s training process is stopped (SIGSTOP?); no progress for "
+                                  f"{now - c.last:.1f}s after step {c.step}; "
+                                  f"ranks {', '.join(map(str, suspects))} silent")
+                        attempt.failure = Failure("hang", detail, frozen, now, clock.newest_step)
+                        return None
+                if stalled := clock.stalled(now, set(done)):
+                    rank, silent, how = stalled
+                    c = clock.clocks[rank]
+                    where = f"in {c.phase} " if c.phase else ""
+                    detail = f"no progress {where}for {silent:.1f}s after step {c.step} ({how})"
+                    # Its peers wait on a frozen rank in their collectives and fall silent with it: name the
+                    # one whose process is stopped, when one is.
+                    frozen = self._frozen(group)
+                    if frozen is not None:
+                        rank, detail = frozen, f"rank {frozen}'s training process is stopped (SIGSTOP?); " + detail
+                    elif len(silent := clock.silent(now, set(done))) > 1:
+                        # A rank stuck in Python or a collective looks like the peers waiting on it: say so.
+                        detail += f"; ranks {', '.join(map(str, silent))} all silent since that step"
+                    attempt.failure = Failure("hang", detail, rank, now, clock.newest_step)
                     return None
-            if len(done) == n:
-                # rank 0's records after its last poll
-                try:
-                    take(0, ray.get(group.workers[0].heartbeat.remote(group.attempt, seen[0]), timeout=5))
-                except Exception:  # noqa: BLE001
-                    pass
-                return done[0]
-            now = time.time()
-            if now >= next_state_check and (suspects := clock.suspects(now, set(done))):
-                next_state_check = now + STATE_CHECK_S
-                frozen = self._frozen(group)
-                if frozen is not None:
-                    c = clock.clocks[frozen]
-                    detail = (f"rank {frozen}'s training process is stopped (SIGSTOP?); no progress for "
-                              f"{now - c.last:.1f}s after step {c.step}; ranks {', '.join(map(str, suspects))} silent")
-                    attempt.failure = Failure("hang", detail, frozen, now, clock.newest_step)
-                    return None
-            if stalled := clock.stalled(now, set(done)):
-                rank, silent, how = stalled
-                c = clock.clocks[rank]
-                where = f"in {c.phase} " if c.phase else ""
-                detail = f"no progress {where}for {silent:.1f}s after step {c.step} ({how})"
-                # Its peers wait on a frozen rank in their collectives and fall silent with it: name the one
-                # whose process is stopped, when one is.
-                frozen = self._frozen(group)
-                if frozen is not None:
-                    rank, detail = frozen, f"rank {frozen}'s training process is stopped (SIGSTOP?); " + detail
-                elif len(silent := clock.silent(now, set(done))) > 1:
-                    # A rank stuck in Python or a collective looks like the peers waiting on it: say so.
-                    detail += f"; ranks {', '.join(map(str, silent))} all silent since that step"
-                attempt.failure = Failure("hang", detail, rank, now, clock.newest_step)
-                return None
+        finally:
+            # What rank 0 said after the last poll (the events before its failure, or its run_end) is
+            # still held by its actor: collect it, unless the actor cannot answer.
+            try:
+                take(0, ray.get(group.workers[0].heartbeat.remote(group.attempt, seen[0]), timeout=2))
+            except Exception:  # noqa: BLE001
+                pass
 
     def classify(self, group: WorkerGroup, rank: int, error: Exception, last_step: int) -> Failure:
         detected = time.time()
@@ -405,7 +411,6 @@ class Supervisor:
     def finish(self, t0: float, result: dict | None) -> None:
         g = self.goodput(t0)
         self.log.write("goodput", **g)
-        self.log.merge()
         self.last_goodput = g
 
 

@@ -3,10 +3,12 @@
 The same rules run inside every supervised run (launcher/hang.py, Supervisor.goodput); the Ray tests
 (test_launcher.py) show them end to end.
 """
+import json
+
 import pytest
 
 from keel.launcher.hang import HangClock
-from keel.launcher.supervisor import Attempt, Failure, Supervisor
+from keel.launcher.supervisor import Attempt, EventLog, Failure, Supervisor
 from keel.training.config import load_config
 
 
@@ -121,3 +123,20 @@ def test_a_hang_in_a_collective_silences_every_rank_and_the_clock_says_which():
     c.observe(1, {"phase": "step", "step": 11, "step_s": 0.1}, t + 0.1)  # rank 1 did one more step
     assert c.silent(t + 20.0, set()) == [0, 1]
     assert c.silent(t + 15.05, set()) == [0]
+
+
+def test_the_supervisor_writes_events_jsonl_and_a_fresh_start_drops_only_what_came_before_the_launch(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({"kind": "run_end", "time": 1.0}) + "\n")  # an earlier run's
+    log = EventLog(path)
+    log.write("launch", world_size=2)
+    log.append({"kind": "checkpoints_set_aside", "time": 2.0})  # rank 0's, relayed before its run_start
+    log.append({"kind": "run_start", "time": 3.0, "fresh": True})
+    kinds = lambda: [json.loads(line)["kind"] for line in path.read_text().splitlines()]  # noqa: E731
+    assert kinds() == ["launch", "checkpoints_set_aside", "run_start"]
+    # A restart before the first checkpoint starts from step 0 again: this launch's events stay.
+    log.write("failure", cause="error")
+    log.append({"kind": "run_start", "time": 4.0, "fresh": True})
+    log.append({"kind": "resumed", "time": 5.0})
+    assert kinds() == ["launch", "checkpoints_set_aside", "run_start", "failure", "run_start", "resumed"]
+    assert json.loads(path.read_text().splitlines()[0])["source"] == "launcher"

@@ -31,6 +31,16 @@ def test_short_run_learns_and_writes_its_run_directory(tiny_config):
     assert events == ["run_start", "run_end"]
 
 
+def test_given_an_event_sink_the_trainer_leaves_events_jsonl_to_it(tiny_config):
+    # Under the supervisor, rank 0's events go to it (with the heartbeats), which is the file's one writer.
+    sent = []
+    summary = train(tiny_config("train.steps=4"), on_event=sent.append)
+    assert not (summary.run_dir / "events.jsonl").exists()
+    assert [e["kind"] for e in sent] == ["run_start", "run_end"]
+    assert sent[0]["fresh"] is True and sent[0]["time"] <= sent[1]["time"]
+    assert (summary.run_dir / "metrics.jsonl").is_file()
+
+
 def test_same_seed_gives_identical_losses(tiny_config):
     a = losses(train(tiny_config("train.steps=8")).run_dir)
     b = losses(train(tiny_config("train.steps=8")).run_dir)

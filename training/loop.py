@@ -212,9 +212,11 @@ def score_tasks(cfg: Config, engine: Engine, data_dir: Path, device: torch.devic
     return tasks
 
 
-def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], None] | None = None) -> RunSummary:
+def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], None] | None = None,
+          on_event: Callable[[dict], None] | None = None) -> RunSummary:
     """Run (or resume) the training of `cfg` on this rank. `on_beat` receives every step's record and the
-    phases between steps (the launcher's heartbeat; see Beats)."""
+    phases between steps (the launcher's heartbeat; see Beats). `on_event`, when given, receives rank 0's
+    events instead of events.jsonl (the supervisor writes them; see training/metrics.py)."""
     env = env or RankEnv.from_environ()
     dims = ParallelDims.of(cfg.parallel, env.world_size)
     check_layout(cfg, dims)
@@ -226,7 +228,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], Non
     if distributed:
         init_distributed(device)
     try:
-        return _train(cfg, env, dims, device, Beats(on_beat))
+        return _train(cfg, env, dims, device, Beats(on_beat), on_event)
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -237,7 +239,8 @@ def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], Non
         gc.collect()
 
 
-def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, beats: Beats) -> RunSummary:
+def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, beats: Beats,
+           on_event: Callable[[dict], None] | None) -> RunSummary:
     is_main = env.rank == 0
     # Rank 0 prepares the corpus if it is missing; the others wait and then find it ready.
     if is_main:
@@ -263,7 +266,7 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
     resume_from = ckpt.choose(cfg.checkpoint.resume)
     if cfg.checkpoint.resume == "never":
         ckpt.set_aside()
-    log = RunLogger(cfg, run_dir, enabled=is_main, fresh=resume_from is None)
+    log = RunLogger(cfg, run_dir, enabled=is_main, fresh=resume_from is None, send_event=on_event)
     ckpt.event = lambda kind, **f: report(log, kind, **f)
     for kind, fields in early_events:
         report(log, kind, **fields)
@@ -275,7 +278,9 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
     layout_text = " ".join(f"{k}={v}" for k, v in layout.items())
     log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout_text}) | MFU against "
               f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
-    log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout)
+    # `fresh`: a run that starts from step 0 begins a new events.jsonl (a supervisor drops the lines from before it).
+    log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout,
+              fresh=resume_from is None)
     forecast = Forecast(cfg.train.forecast) if cfg.train.forecast and is_main else None
     if forecast is not None:
         log.print(f"[magenta]{forecast.opening_line(cfg.train.steps)}[/]")

@@ -1,5 +1,9 @@
 """Where per-step numbers go: a rich progress bar and console lines, metrics.jsonl / events.jsonl in the
-run directory, and wandb (offline by default). Only rank 0 writes; other ranks get a silent logger."""
+run directory, and wandb (offline by default). Only rank 0 writes; other ranks get a silent logger.
+
+events.jsonl has one writer. Under the launcher's supervisor that is the supervisor, which also writes the
+launcher's own events (failures, restarts, goodput): rank 0 hands it every training event (`send_event`,
+carried with the heartbeats). A run without a supervisor (`--launcher inline`) writes the file itself."""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,15 +35,17 @@ def _fmt_step(r: dict) -> str:
 
 
 class RunLogger:
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True, fresh: bool = True):
-        self.cfg, self.run_dir, self.enabled = cfg, run_dir, enabled
-        self._wandb = self._progress = self._task = None
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True, fresh: bool = True,
+                 send_event: Callable[[dict], None] | None = None):
+        self.cfg, self.run_dir, self.enabled, self._send_event = cfg, run_dir, enabled, send_event
+        self._wandb = self._progress = self._task = self._events = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         mode = "w" if fresh else "a"
         self._metrics = open(run_dir / "metrics.jsonl", mode)
-        self._events = open(run_dir / "events.jsonl", mode)
+        if send_event is None:
+            self._events = open(run_dir / "events.jsonl", mode)
         from rich.console import Console
 
         self.console = Console(file=sys.stdout, highlight=False)
@@ -98,7 +105,11 @@ class RunLogger:
         """Something a person should know about (run start/end, later failures, spikes, restarts)."""
         if not self.enabled:
             return
-        self._events.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
+        event = {"kind": kind, "time": time.time(), **fields}
+        if self._send_event is not None:
+            self._send_event(event)
+            return
+        self._events.write(json.dumps(event) + "\n")
         self._events.flush()
 
     def close(self) -> None:
@@ -109,4 +120,5 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._metrics.close()
-        self._events.close()
+        if self._events is not None:
+            self._events.close()
