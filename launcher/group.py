@@ -181,8 +181,9 @@ class RankWorker:
 
     def heartbeat(self, attempt: int, seen: int = 0) -> list[dict]:
         """Attempt `attempt`'s beats (and rank 0's events, as beats of phase "event") after the first
-        `seen` (the supervisor asks for what it has not seen); none while that attempt has not started here. Counted by arrival, not by step number: after a
-        loss-spike rollback the loop steps backwards, and its replayed steps are progress too."""
+        `seen` (the supervisor asks for what it has not seen); none while that attempt has not started
+        here. Counted by arrival, not by step number: after a loss-spike rollback the loop steps
+        backwards, and its replayed steps are progress too."""
         with self.lock:
             return self.records[seen:] if attempt == self.attempt else []
 
