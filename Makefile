@@ -17,7 +17,9 @@ $(VENV)/.installed-base: $(BIN)/python setup.py
 	$(PIP) install -e .
 	touch $@
 
+# deepspeed builds against the torch already installed (--no-build-isolation), so it comes after torch.
 $(VENV)/.installed-test: $(VENV)/.installed-base setup.py
+	$(PIP) install --no-build-isolation deepspeed==0.19.8
 	$(PIP) install -e ".[test,triton]"
 	touch $@
 

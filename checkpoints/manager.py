@@ -150,13 +150,14 @@ class Checkpointer:
             except OSError as e:
                 error = _error(e)
         self._barrier()  # no rank writes into the folder before it exists
+        native = getattr(engine, "native_checkpoint", False)
         try:
             if error is None:
-                state = engine.state_dict()
+                state = None if native else engine.state_dict()
                 torch.save(rng_state(), tmp / rng_file(self.rank))
                 if self.rank == 0:
                     mf.write_json_durably(tmp / TRAINER, trainer_state)
-                if self.settings["async_save"]:
+                if self.settings["async_save"] and not native:
                     # The copy to CPU memory: once it is done, training may change the live tensors.
                     state = self._stager.stage(state)
         except Exception as e:  # noqa: BLE001 - a full disk, out of host memory: the run must go on
@@ -166,28 +167,43 @@ class Checkpointer:
         # give the save up together instead, and the .tmp folder is left for retention to remove.
         if errors := self._errors(self._gather(error)):
             self._failed(step, errors)
+        elif native:
+            # The engine's library writes its own files, synchronously, with its own collectives.
+            self._write(step, tmp, lambda: self._native_files(tmp, engine), t0, False)
         elif self.settings["async_save"]:
             # Written in this Checkpointer's one background thread, as dcp.async_save would in its own.
-            self._in_flight = (step, self._pool.submit(self._write, step, tmp, state, t0, True))
+            self._in_flight = (step, self._pool.submit(self._write, step, tmp, lambda: self._dcp_files(tmp, state),
+                                                       t0, True))
         else:
-            self._write(step, tmp, state, t0, False)
+            self._write(step, tmp, lambda: self._dcp_files(tmp, state), t0, False)
         return time.perf_counter() - t0
 
-    def _write(self, step: int, tmp: Path, state: dict, t0: float, in_background: bool) -> None:
-        """Write the shards, checksum this rank's files, and (rank 0) commit once every rank succeeded.
-        Runs on every rank; its collectives are the same on all, whatever failed where."""
+    def _dcp_files(self, tmp: Path, state: dict) -> dict[str, dict]:
+        """Write this rank's DCP shards of `state`; returns the manifest entries of the files it wrote."""
+        shards = writer(tmp)
+        with _without_zip_crc32():
+            dcp.save(state, storage_writer=shards, process_group=self.pg, no_dist=not self.distributed)
+        # DCP's save ends with a collective after every rank's write, so every shard (and the RNG files
+        # and trainer.json, written before) is on disk now. Each rank's shards were hashed as they were
+        # written; only its small RNG file is read back here. Rank 0 reads no other rank's files.
+        present = sorted(p.name for p in tmp.iterdir())
+        mine = own_files(present, self.group_rank)
+        described = {n: shards.fs.entries[n] for n in mine if n in shards.fs.entries}
+        described.update(mf.describe(tmp, [n for n in mine if n not in described]))
+        return described
+
+    def _native_files(self, tmp: Path, engine) -> dict[str, dict]:
+        """Let the engine write its own checkpoint files into `tmp` (every rank, together); each rank then
+        hashes the files the engine names as its own, and its RNG file."""
+        mine = engine.save_native(tmp)
+        return mf.describe(tmp, [rng_file(self.rank), *mine])
+
+    def _write(self, step: int, tmp: Path, write: Callable[[], dict], t0: float, in_background: bool) -> None:
+        """Write the files (`write`: this rank's, returning their manifest entries), and (rank 0) commit once
+        every rank succeeded. Runs on every rank; its collectives are the same on all, whatever failed where."""
         error, described = None, {}
         try:
-            shards = writer(tmp)
-            with _without_zip_crc32():
-                dcp.save(state, storage_writer=shards, process_group=self.pg, no_dist=not self.distributed)
-            # DCP's save ends with a collective after every rank's write, so every shard (and the RNG files
-            # and trainer.json, written before) is on disk now. Each rank's shards were hashed as they were
-            # written; only its small RNG file is read back here. Rank 0 reads no other rank's files.
-            present = sorted(p.name for p in tmp.iterdir())
-            mine = own_files(present, self.group_rank)
-            described = {n: shards.fs.entries[n] for n in mine if n in shards.fs.entries}
-            described.update(mf.describe(tmp, [n for n in mine if n not in described]))
+            described = write()
             self.before_commit(step)
         except Exception as e:  # noqa: BLE001 - DCP raises the same on every rank; the rest is local
             error = _error(e)
@@ -356,9 +372,22 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} holds a different model ({diff}); use its model settings, "
                               f"or start afresh with --resume never or another train.name")
         self._check_settings(path, manifest["config"])
-        state = engine.state_dict()
-        dcp.load(state, checkpoint_id=path, process_group=self.pg, no_dist=not self.distributed)
-        engine.load_state_dict(state)
+        saved_engine = manifest["config"].get("parallel", {}).get("engine", "native")
+        native = getattr(engine, "native_checkpoint", False)
+        if saved_engine != self.config["parallel"]["engine"] and (native or saved_engine != "native"):
+            raise CheckpointError(f"checkpoint {path} was written by the {saved_engine} engine and this run uses "
+                                  f"parallel.engine={self.config['parallel']['engine']}; resume with "
+                                  f"parallel.engine={saved_engine}, or start afresh with --resume never")
+        if native:
+            if manifest["world_size"] != self.world_size:
+                raise CheckpointError(f"checkpoint {path} was saved by {manifest['world_size']} ranks and this run "
+                                      f"has {self.world_size}; the {saved_engine} engine resumes on as many ranks "
+                                      f"as it saved with (set the world size to {manifest['world_size']})")
+            engine.load_native(path)
+        else:
+            state = engine.state_dict()
+            dcp.load(state, checkpoint_id=path, process_group=self.pg, no_dist=not self.distributed)
+            engine.load_state_dict(state)
         rng = path / rng_file(self.rank)
         if manifest["world_size"] == self.world_size and rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))

@@ -53,9 +53,13 @@ class ParallelDims:
 def check_layout(cfg, dims: ParallelDims) -> None:
     """Model- and batch-dependent checks, before any process builds anything (cfg: training Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    if p.engine != "native":
-        raise LayoutError(f"parallel.engine={p.engine} is not built yet (the DeepSpeed and megatron-core engines "
-                          f"are issue 15's work); use parallel.engine=native")
+    if p.engine == "megatron":
+        raise LayoutError("parallel.engine=megatron is not built yet (issue 15); use parallel.engine=native or "
+                          "deepspeed")
+    if p.engine == "deepspeed" and (dims.tp > 1 or dims.pp > 1 or dims.dp_replicate > 1):
+        raise LayoutError(f"parallel.engine=deepspeed is data parallel only (ZeRO over every rank): set "
+                          f"parallel.tp=1, parallel.pp=1 and parallel.dp_replicate=1 (got tp={dims.tp}, "
+                          f"pp={dims.pp}, dp_replicate={dims.dp_replicate}), or use parallel.engine=native")
     if dims.tp > 1:
         for name in ("n_heads", "n_kv_heads"):
             if getattr(m, name) % dims.tp:

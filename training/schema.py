@@ -226,8 +226,13 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block
     # With tp > 1, compute the cross-entropy on the vocab-sharded logits instead of gathering them.
     loss_parallel: bool = True
+    # engine: deepspeed. ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters), and
+    # the optimizer's state and update on the CPU (ZeRO-Offload).
+    zero_stage: int = 1
+    zero_offload_optimizer: bool = False
 
     def __post_init__(self):
+        _require(self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         _require(self.pp_stages_per_rank >= 1,
                  f"parallel.pp_stages_per_rank must be >= 1, got {self.pp_stages_per_rank}")
         if self.pp_schedule in ("gpipe", "1f1b"):
