@@ -32,8 +32,8 @@ from .materialise import materialise
 
 
 def ds_config(cfg: Config, dp_size: int) -> dict:
-    """The DeepSpeed config of a keel config: batch sizes, ZeRO stage and offload, clipping; extra keys from
-    parallel.deepspeed.extra are merged last (an escape hatch, e.g. bucket sizes)."""
+    """The DeepSpeed config of a keel config: batch sizes, ZeRO stage and offload, clipping. (No escape
+    hatch for other DeepSpeed keys yet.)"""
     p, t = cfg.parallel, cfg.train
     zero = {"stage": p.zero_stage}
     if p.zero_offload_optimizer:
@@ -95,7 +95,8 @@ class DeepSpeedEngine(Engine):
         return opt.scaled_global_norm()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        # The clipping itself happens inside DeepSpeed's step (its gradient_clipping is optim.grad_clip).
+        # The clipping itself happens inside DeepSpeed's step, to its gradient_clipping: optim.grad_clip,
+        # the max_norm the loop passes.
         return float(self._norm()) / self.ds.optimizer.loss_scale
 
     def optimizer_step(self, lr: float) -> None:
