@@ -20,7 +20,7 @@ $(VENV)/.installed-base: $(BIN)/python setup.py
 # deepspeed builds against the torch already installed (--no-build-isolation), so it comes after torch.
 $(VENV)/.installed-test: $(VENV)/.installed-base setup.py
 	$(PIP) install --no-build-isolation deepspeed==0.19.8
-	$(PIP) install -e ".[test,triton]"
+	$(PIP) install -e ".[test,triton,megatron]"
 	touch $@
 
 install: $(VENV)/.installed-base

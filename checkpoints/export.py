@@ -2,7 +2,8 @@
 tools load) or in keel's own names (`--to keel`).
 
 Runs in one process with no process group: torch.distributed.checkpoint reads every rank's shards and
-assembles full tensors, whatever layout wrote them.
+assembles full tensors, whatever layout wrote them (DeepSpeed's consolidation does the same for its ZeRO
+files, parallel/megatron_layout.py for megatron-core's).
 """
 from __future__ import annotations
 
@@ -26,7 +27,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of the checkpoint at `path`, whole, on the CPU, by its canonical name."""
+    """Every model tensor of the checkpoint at `path`, whole, on the CPU, by its canonical name, whichever
+    engine wrote it: DCP shards (the native engines), DeepSpeed's ZeRO files, or megatron-core's file per
+    tensor-parallel rank."""
+    engine = "native"
+    if (path / mf.MANIFEST).exists():
+        engine = mf.read_manifest(path)["config"]["parallel"].get("engine", "native")
+    if engine == "deepspeed":
+        return _deepspeed_model_state(path)
+    if engine == "megatron":
+        return _megatron_model_state(path)
     metadata = FileSystemReader(path).read_metadata()
     model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in metadata.state_dict_metadata.items()
@@ -34,6 +44,26 @@ def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     state = {"model": model}
     dcp.load(state, checkpoint_id=path, no_dist=True)
     return state["model"]
+
+
+def _deepspeed_model_state(path: Path) -> dict[str, torch.Tensor]:
+    # DeepSpeed's own consolidation: the fp32 master weights, gathered from every rank's ZeRO partition.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(None):  # it prints a line per file it reads
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    # Activation checkpointing wraps the blocks, and DeepSpeed saves the wrapped names.
+    return {name.replace("_checkpoint_wrapped_module.", ""): t for name, t in state.items()}
+
+
+def _megatron_model_state(path: Path) -> dict[str, torch.Tensor]:
+    from ..parallel.megatron_layout import native_weights
+
+    m = mf.read_manifest(path)["config"]["model"]
+    files = sorted(path.glob("megatron_tp*.pt"))
+    shards = [torch.load(f, map_location="cpu", weights_only=True)["model"] for f in files]
+    shards = [{k.removeprefix("gpt."): v for k, v in shard.items()} for shard in shards]
+    return native_weights(shards, m["n_layers"], m["n_heads"], m["n_kv_heads"] or m["n_heads"])
 
 
 def checked_manifest(path: Path) -> dict:

@@ -39,6 +39,10 @@ def ds_config(cfg: Config, dp_size: int) -> dict:
     if p.zero_offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
+        # With the optimizer offloaded DeepSpeed insists on its own CPU Adam (a C++ op it JIT-compiles, ~1
+        # minute per new machine) unless told otherwise; keel's AdamW is torch's fused CPU kernel, and
+        # keeps the update the same as every other engine's.
+        "zero_force_ds_cpu_optimizer": False,
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp_size),

@@ -54,8 +54,7 @@ def check_layout(cfg, dims: ParallelDims) -> None:
     """Model- and batch-dependent checks, before any process builds anything (cfg: training Config)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if p.engine == "megatron":
-        raise LayoutError("parallel.engine=megatron is not built yet (issue 15); use parallel.engine=native or "
-                          "deepspeed")
+        check_megatron(cfg, dims)
     if p.engine == "deepspeed" and (dims.tp > 1 or dims.pp > 1 or dims.dp_replicate > 1):
         raise LayoutError(f"parallel.engine=deepspeed is data parallel only (ZeRO over every rank): set "
                           f"parallel.tp=1, parallel.pp=1 and parallel.dp_replicate=1 (got tp={dims.tp}, "
@@ -69,6 +68,17 @@ def check_layout(cfg, dims: ParallelDims) -> None:
             raise LayoutError(f"parallel.tp={dims.tp} does not divide the FFN hidden size {m.hidden_dim}")
         if m.vocab_size % dims.tp:
             raise LayoutError(f"parallel.tp={dims.tp} does not divide model.vocab_size={m.vocab_size}")
+    if p.engine == "native":
+        check_native(cfg, dims)
+    if t.global_batch_size % (dims.dp * t.micro_batch_size):
+        raise LayoutError(f"train.global_batch_size={t.global_batch_size} must be a multiple of data-parallel "
+                          f"degree {dims.dp} x train.micro_batch_size={t.micro_batch_size}")
+
+
+def check_native(cfg, dims: ParallelDims) -> None:
+    """What the native engine (FSDP2, DTensor tensor parallel, torch's pipeline schedules) cannot combine."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if dims.tp > 1:
         if m.qk_norm:
             raise LayoutError("model.qk_norm with parallel.tp > 1 is not supported yet (its gains would see only "
                               "the local heads' gradients); set model.qk_norm=false or parallel.tp=1")
@@ -97,9 +107,6 @@ def check_layout(cfg, dims: ParallelDims) -> None:
     if m.tie_embeddings and (dims.tp > 1 or dims.pp > 1):
         raise LayoutError("model.tie_embeddings needs the embedding and the output layer in one place; it cannot "
                           "be combined with parallel.tp > 1 or parallel.pp > 1 yet")
-    if t.global_batch_size % (dims.dp * t.micro_batch_size):
-        raise LayoutError(f"train.global_batch_size={t.global_batch_size} must be a multiple of data-parallel "
-                          f"degree {dims.dp} x train.micro_batch_size={t.micro_batch_size}")
     if dims.pp > 1:
         stages = dims.pp * p.pp_stages_per_rank
         if m.n_layers < stages:
@@ -110,3 +117,26 @@ def check_layout(cfg, dims: ParallelDims) -> None:
             raise LayoutError(f"the pipeline has {micro} micro-batches per step but {dims.pp} stages; make "
                               f"train.global_batch_size / (data-parallel degree x micro_batch_size) >= "
                               f"parallel.pp")
+
+
+def check_megatron(cfg, dims: ParallelDims) -> None:
+    """What the megatron-core engine (parallel/megatron.py) runs: tensor parallel x data parallel, with
+    megatron-core's own norms, RoPE, SwiGLU and vocabulary-parallel cross-entropy, and keel's attention."""
+    m, p = cfg.model, cfg.parallel
+    refused = {
+        "parallel.pp > 1": dims.pp > 1,  # megatron-core's pipeline schedules are not wired in yet
+        "parallel.dp_replicate > 1": dims.dp_replicate > 1,  # its data parallelism is one kind: use dp_shard
+        "parallel.activation_checkpoint": p.activation_checkpoint != "none",
+        "parallel.compile": p.compile,
+        "model.z_loss": bool(m.z_loss),  # megatron-core's vocabulary-parallel cross-entropy has none
+        # Settings of keel's own kernels that megatron-core's layers replace: refused rather than ignored.
+        "model.cross_entropy.impl": m.cross_entropy.impl != "unfused",
+        "model.rmsnorm.impl": m.rmsnorm.impl != "auto",
+        "model.rope.impl": m.rope.impl != "auto",
+        "model.swiglu.impl": m.swiglu.impl != "auto",
+    }
+    bad = [name for name, is_set in refused.items() if is_set]
+    if bad:
+        raise LayoutError(f"parallel.engine=megatron does not support {', '.join(bad)} yet (it runs tensor "
+                          f"parallel x data parallel, with megatron-core's norms, RoPE, SwiGLU and cross-entropy); "
+                          f"leave them at their defaults or use parallel.engine=native")

@@ -47,7 +47,7 @@ class Engine(ABC):
         for i, (inputs, targets) in enumerate(chunks):
             self.before_micro_batch(i, len(chunks))
             with self.loss_context():
-                loss, ce = model_loss(self.model, inputs, targets, self.cfg.model, self.compute_context)
+                loss, ce = self.score(inputs, targets)
                 # Micro-batches hold equal token counts, so the mean of their means is the batch's mean.
                 self.backward(loss / len(chunks))
             total += plain(ce).detach()
@@ -61,10 +61,15 @@ class Engine(ABC):
         total = torch.zeros((), device=self.device)
         for inputs, targets in chunks:
             with self.loss_context():
-                total += plain(model_loss(self.model, inputs, targets, self.cfg.model, self.compute_context)[1])
+                total += plain(self.score(inputs, targets)[1])
         return self.global_mean(total / len(chunks))
 
     # -- its hooks ---------------------------------------------------------------------------------------
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, cross-entropy to report) of one micro-batch: keel's model_loss, unless the
+        engine's model computes its own (megatron-core's vocabulary-parallel cross-entropy)."""
+        return model_loss(self.model, inputs, targets, self.cfg.model, self.compute_context)
+
     def compute_context(self):
         """Where the model's forward runs: autocast to the training precision, unless the engine casts."""
         return autocast(self.device, self.cfg.train.precision)
@@ -104,6 +109,21 @@ class Engine(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class OneOptimizer:
+    """The step and the skip of an engine that applies its gradients with one torch optimizer (LocalEngine,
+    MegatronEngine); listed before Engine in the bases."""
+    optimizer: torch.optim.Optimizer
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def adamw(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:

@@ -9,12 +9,16 @@ from .engine import Engine
 
 
 def make_engine(cfg: Config, device: torch.device, dims: ParallelDims) -> Engine:
-    # parallel.engine was checked with the layout (dims.check_layout): only the native engines exist yet.
+    # parallel.engine was checked with the layout (dims.check_layout).
     # Imported on demand: a one-process run never loads the mesh and FSDP machinery.
     if cfg.parallel.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, device, dims)
+    if cfg.parallel.engine == "megatron":
+        from .megatron import MegatronEngine
+
+        return MegatronEngine(cfg, device, dims)
     if dims.world_size == 1:
         from .local import LocalEngine
 

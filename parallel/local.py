@@ -8,11 +8,11 @@ from ..checkpoints.state import load_model_optim_state, model_optim_state
 from ..training.config import Config
 from ..training.model import Transformer, build_model
 from .data_parallel import apply_activation_checkpointing, apply_compile
-from .engine import Engine, adamw
+from .engine import Engine, OneOptimizer, adamw
 from .materialise import materialise
 
 
-class LocalEngine(Engine):
+class LocalEngine(OneOptimizer, Engine):
     """One process, one device, no parallelism: the reference every parallel layout must match."""
 
     def __init__(self, cfg: Config, device: torch.device):
@@ -31,15 +31,6 @@ class LocalEngine(Engine):
         if max_norm > 0:
             return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
-
-    def optimizer_step(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.zero_grad()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         return model_optim_state([self.model], [self.optimizer])

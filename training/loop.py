@@ -230,7 +230,7 @@ def train(cfg: Config, env: RankEnv | None = None, on_beat: Callable[[dict], Non
     try:
         return _train(cfg, env, dims, device, Beats(on_beat), on_event)
     finally:
-        if distributed:
+        if distributed or dist.is_initialized():  # a one-process megatron-core engine starts its own group
             dist.destroy_process_group()
         # The run's model, optimizer and autograd state sit in reference cycles; left to the collector at
         # interpreter exit, freeing their tensors there can abort the process ("terminate called without

@@ -1,0 +1,30 @@
+"""The two shims that let megatron-core's GPTModel run on a CPU (tests and CPU-only machines), and nothing
+else: used by parallel/megatron.py only when the device is a CPU.
+
+megatron-core 0.16 allocates some buffers on "the current CUDA device" (its global memory buffer, RoPE
+frequencies, the tensor-parallel all-gather buffers) and forks a CUDA RNG tracker around its dropouts;
+both fail without CUDA (measured: ../shared/PLATFORM.md, "megatron-core on CPU").
+"""
+from __future__ import annotations
+
+import torch
+
+_installed = False
+
+
+def install() -> None:
+    """Point megatron-core's CUDA-only calls at the CPU, for the rest of this process."""
+    global _installed
+    from megatron.core import tensor_parallel
+
+    if not _installed:
+        if torch.cuda.is_available():
+            raise RuntimeError("megatron_cpu.install() on a machine with CUDA would send megatron-core's CUDA "
+                               "buffers to the CPU; it is for CPU-only processes")
+        # torch.cuda.current_device() raises without CUDA; every caller in megatron-core passes its result
+        # as a `device=` argument, which a CPU device satisfies.
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        _installed = True
+    # The inference tracker forks no CUDA RNG state (keel runs megatron-core without dropout, so no RNG
+    # stream is drawn inside a fork). Reset each time: parallel_state is re-initialised per run.
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
