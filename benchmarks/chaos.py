@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="where the two runs go (default: a temporary folder, removed "
                    "when everything passed)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run (default 3600; --short: 300)")
+    p.add_argument("--reuse-clean", action="store_true", help="take the clean run already finished in --workdir "
+                   "(same steps and seed) instead of training it again; its wall time is read from its events")
     p.add_argument("--reanalyse", action="store_true", help="judge the runs of --workdir again, with the faults "
                    "recorded in OUT/chaos.json (no training)")
     a = p.parse_args(argv)
@@ -654,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
                       old["wall_s"], old.get("error") or ("" if old["exit_code"] == 0 else "the run failed"),
                       read_jsonl(work / "chaos" / "metrics.jsonl"), old["chaos_log"], old["overrides"])
 
-    for name in ("clean", "chaos"):
+    if a.reuse_clean and not a.workdir:
+        p.error("--reuse-clean needs the --workdir of the finished clean run")
+    for name in ("chaos",) if a.reuse_clean else ("clean", "chaos"):
         shutil.rmtree(work / name, ignore_errors=True)
     sets = [*BASE, f"train.steps={steps}", f"checkpoint.interval={interval}", f"train.eval_every={max(1, steps // 6)}",
             f"logging.log_every={max(1, steps // 10)}", f"train.output_dir={work}"]
@@ -683,8 +687,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def soak(a, kinds, faults, n, steps, interval, timeout, sets, chaos_sets, work, out, rng) -> int:
     # 1. The uninterrupted reference.
-    print("chaos: clean reference run ...", flush=True)
-    result, error, clean_wall, _ = train(work / "clean", [*sets, "train.name=clean"], timeout, None, 1.0, rng)
+    if a.reuse_clean:
+        print("chaos: the clean reference run of an earlier invocation ...", flush=True)
+        ev = read_jsonl(work / "clean" / "events.jsonl")
+        error, clean_wall = "", ev[-1]["time"] - next(e["time"] for e in ev if e["kind"] == "launch")
+    else:
+        print("chaos: clean reference run ...", flush=True)
+        result, error, clean_wall, _ = train(work / "clean", [*sets, "train.name=clean"], timeout, None, 1.0, rng)
     clean_steps = [r for r in read_jsonl(work / "clean" / "metrics.jsonl") if r["kind"] == "step"]
     if error or not clean_steps or clean_steps[-1]["step"] != steps:
         print(f"chaos: the clean run failed: {error}", flush=True)

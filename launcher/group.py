@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -163,17 +164,24 @@ class RankWorker:
             proc.join(timeout_s)
         return proc is None or not proc.is_alive()
 
-    def process_state(self) -> str | None:
-        """The training process's state letter from /proc (R running, S sleeping, T stopped, ...), None
-        when there is none: tells a frozen rank (SIGSTOP, a debugger) from the peers waiting on it."""
+    def probe(self) -> dict | None:
+        """The training process's state letter from /proc (R running, S sleeping, T stopped, ...) and the CPU
+        seconds it and its children have used; None when there is none. The state tells a frozen rank
+        (SIGSTOP, a debugger) from the peers waiting on it; the CPU time, a rank stuck in a collective (no
+        CPU) from a slow step (launcher/hang.py IdleWatch)."""
         proc = self.proc
         if proc is None or proc.pid is None:
             return None
-        try:  # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces
-            with open(f"/proc/{proc.pid}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        try:
+            state, cpu = _stat(proc.pid)
+            for child in _descendants(proc.pid):
+                try:
+                    cpu += _stat(child)[1]
+                except OSError:  # it ended meanwhile
+                    continue
+        except (OSError, IndexError, ValueError):
             return None
+        return {"state": state, "cpu_s": cpu}
 
     def status(self) -> dict | None:
         """How the last training process ended (None while it runs): the supervisor's evidence of who died."""
@@ -264,6 +272,35 @@ def _train_process(cfg, env: dict, args: RankEnvArgs, send) -> None:
                         "first_val_loss": summary.first_val_loss, "steps": summary.steps, "tokens": summary.tokens,
                         "wall_s": summary.wall_s, "tokens_per_s": summary.tokens_per_s, "mfu": summary.mfu,
                         "run_dir": str(summary.run_dir), "incidents": summary.incidents}))
+
+
+def _stat(pid: int) -> tuple[str, float]:
+    """A process's state letter and CPU seconds (user + system), from /proc/PID/stat: "pid (comm) state ..."
+    where comm may hold spaces, so the fields are counted after its closing parenthesis."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return fields[0], (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the thread ended, or the kernel has no children files
+                continue
+            found += children
+            todo += children
+    return found
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _die_with_parent(name: str) -> None:

@@ -15,6 +15,11 @@ A slowdown of several-fold stays under a 20x limit, while a rank stuck in a coll
 tens of seconds (torchft drops a silent replica group after 5 s, NVIDIA's in-process restart waits 60-90 s,
 torchrun the 10-minute NCCL timeout). A set fault.hang_timeout_s is the step limit as it is, and a floor
 for the phases. Progress is counted by beats, not step numbers, so the replay after a rollback counts.
+
+Two kinds of silence are hangs before the limit, because a slow step cannot look like them:
+  stopped    a rank's training process is stopped (SIGSTOP, a suspended job)
+  idle       on a CPU run with the adaptive limit, every rank has been silent mid-step for
+             fault.idle_hang_s and each one's training process sleeps, using almost no CPU (IdleWatch)
 """
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ PHASES = ("eval", "save", "restore")
 # process (SIGSTOP, a suspended job) is a hang now, not after the limit. In the chaos soak a frozen rank
 # otherwise cost the whole 30 s floor of the limit.
 FROZEN_CHECK_MIN_S = 5.0
+# A CPU rank stuck in a gloo collective, or asleep, uses no CPU, where a slow but healthy step on a CPU uses
+# at least a core. Measured here: a gloo rank waiting 8 s in an all_reduce used 0.04 CPU-s. So a whole group
+# silent mid-step whose every process sleeps and used under IDLE_CPU of a core over at least IDLE_WINDOW_S is
+# hung. In the chaos soak, three hangs in collectives had each waited out the 30 s floor of the limit.
+IDLE_CPU = 0.05
+IDLE_WINDOW_S = 3.0
 
 
 @dataclass
@@ -117,6 +128,17 @@ class HangClock:
         after = max(FROZEN_CHECK_MIN_S, 2 * max(self.step_s, default=0.0))
         return [r for r, c in enumerate(self.clocks) if r not in done and now - c.last > after]
 
+    def silent_mid_step(self, now: float, done: set[int]) -> float | None:
+        """How long every unfinished rank has been silent, when all of them are suspects (past their first
+        step, in no eval, save or restore): the precondition for IdleWatch. Else None."""
+        active = [c for r, c in enumerate(self.clocks) if r not in done]
+        if not active or any(not c.stepped or c.phase is not None for c in active):
+            return None
+        suspects = self.suspects(now, done)
+        if len(suspects) < len(active):
+            return None
+        return now - max(c.last for c in active)
+
     def silent(self, now: float, done: set[int]) -> list[int]:
         """The ranks silent for more than half their limit: all of them when one hangs a collective."""
         return [r for r, c in enumerate(self.clocks) if r not in done and now - c.last > self.limit(r)[0] / 2]
@@ -124,3 +146,38 @@ class HangClock:
     @property
     def newest_step(self) -> int:
         return max((c.step for c in self.clocks), default=0)
+
+
+@dataclass
+class IdleWatch:
+    """Whether a group that is silent mid-step is idle: fed the training processes' probes (their state
+    letter and CPU seconds, process and children) once a second while the silence lasts."""
+    after_s: float                             # fault.idle_hang_s; 0: never
+    since: float | None = None                 # when this silence's first probes were taken
+    cpu0: list[float] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.since, self.cpu0 = None, []
+
+    def observe(self, now: float, silent_s: float, probes: list[dict | None]) -> str | None:
+        """A description of the idleness once it shows a hang (the group silent for after_s, every process
+        sleeping and under IDLE_CPU of a core for at least IDLE_WINDOW_S); else None. A probe that could not
+        be taken (None), a process that runs (state R, maybe starved by a loaded machine) or waits on a disk
+        (D) starts the window again."""
+        if not self.after_s or any(p is None or p.get("cpu_s") is None or p.get("state") != "S" for p in probes):
+            self.reset()
+            return None
+        cpu = [p["cpu_s"] for p in probes]
+        if self.since is None or len(cpu) != len(self.cpu0):
+            self.since, self.cpu0 = now, cpu
+            return None
+        window = now - self.since
+        used = [c - c0 for c, c0 in zip(cpu, self.cpu0)]
+        if max(used) >= IDLE_CPU * max(window, IDLE_WINDOW_S):
+            self.since, self.cpu0 = now, cpu  # busy: a slow step, not a hang; watch afresh
+            return None
+        if window < IDLE_WINDOW_S or silent_s < self.after_s:
+            return None
+        return (f"every rank silent {silent_s:.1f}s mid-step and idle: their training processes sleep and used "
+                f"{max(used):.2f} CPU-s at most in the last {window:.1f}s (a collective or a sleep that does not "
+                f"return; fault.idle_hang_s={self.after_s:g})")

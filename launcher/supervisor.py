@@ -27,10 +27,10 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 from ..parallel.dims import LayoutError, ParallelDims, check_layout
 from .cluster import LauncherError
 from .group import GroupPlan, RankProcessDied, WorkerGroup, check_capacity, nodes_that_fit
-from .hang import HangClock
+from .hang import HangClock, IdleWatch
 
 POLL_S = 0.2
-# How often the process states of silent ranks are asked for (a frozen rank is a hang at once).
+# How often the process states of silent ranks are asked for (a frozen or idle group is a hang at once).
 STATE_CHECK_S = 1.0
 # How long blame waits for the cause when every failure seen so far is the echo of another rank's.
 ECHO_WAIT_S = 10.0
@@ -203,6 +203,7 @@ class Supervisor:
         clock = self.clock = HangClock.for_run(self.cfg.fault, attempt.started, n, history=self.clock)
         pending: dict[int, object] = {}       # rank -> heartbeat ref in flight
         done: dict[int, dict] = {}
+        idle = IdleWatch(self.idle_hang_s())
 
         def take(rank: int, beats: list[dict]) -> None:
             seen[rank] += len(beats)
@@ -250,7 +251,8 @@ class Supervisor:
                 now = time.time()
                 if now >= next_state_check and (suspects := clock.suspects(now, set(done))):
                     next_state_check = now + STATE_CHECK_S
-                    frozen = self._frozen(group)
+                    probes = self._probe(group)
+                    frozen = self._frozen(probes)
                     if frozen is not None:
                         c = clock.clocks[frozen]
                         detail = (f"rank {frozen}'s training process is stopped (SIGSTOP?); no progress for "
@@ -258,6 +260,17 @@ class Supervisor:
                                   f"ranks {', '.join(map(str, suspects))} silent")
                         attempt.failure = Failure("hang", detail, frozen, now, clock.newest_step)
                         return None
+                    silent_s = clock.silent_mid_step(now, set(done))
+                    active = [r for r in range(n) if r not in done]
+                    if silent_s is None or probes is None:
+                        idle.reset()
+                    elif detail := idle.observe(now, silent_s, [probes[r] for r in active]):
+                        c = clock.clocks[active[0]]
+                        attempt.failure = Failure("hang", f"no progress after step {c.step}: {detail}", active[0],
+                                                  now, clock.newest_step)
+                        return None
+                elif not clock.suspects(now, set(done)):
+                    idle.reset()
                 if stalled := clock.stalled(now, set(done)):
                     rank, silent, how = stalled
                     c = clock.clocks[rank]
@@ -265,7 +278,7 @@ class Supervisor:
                     detail = f"no progress {where}for {silent:.1f}s after step {c.step} ({how})"
                     # Its peers wait on a frozen rank in their collectives and fall silent with it: name the
                     # one whose process is stopped, when one is.
-                    frozen = self._frozen(group)
+                    frozen = self._frozen(self._probe(group))
                     if frozen is not None:
                         rank, detail = frozen, f"rank {frozen}'s training process is stopped (SIGSTOP?); " + detail
                     elif len(silent := clock.silent(now, set(done))) > 1:
@@ -358,14 +371,24 @@ class Supervisor:
         return min(failed, key=lambda ro: (ro[1]["state"] != "died", ro[1].get("echo", False),
                                            ro[1].get("time", 0.0)))
 
+    def idle_hang_s(self) -> float:
+        """fault.idle_hang_s where an idle group can be told from a slow one: with the adaptive limit (a set
+        fault.hang_timeout_s is the one rule) and no GPUs (a rank waiting on its GPU may use no CPU either)."""
+        fault = self.cfg.fault
+        return 0.0 if fault.hang_timeout_s is not None or self.plan.gpus_per_worker else fault.idle_hang_s
+
     @staticmethod
-    def _frozen(group: WorkerGroup) -> int | None:
-        """The first rank whose training process is stopped (state T), if any answers so."""
+    def _probe(group: WorkerGroup) -> list[dict | None] | None:
+        """Every rank's training process state and CPU time (group.py probe); None if an actor cannot answer."""
         try:
-            states = ray.get([w.process_state.remote() for w in group.workers], timeout=2)
-        except Exception:  # noqa: BLE001 - an actor that cannot answer: the hang stands as detected
+            return ray.get([w.probe.remote() for w in group.workers], timeout=2)
+        except Exception:  # noqa: BLE001 - an actor that cannot answer: the hang limit still stands
             return None
-        return next((r for r, state in enumerate(states) if state in ("T", "t")), None)
+
+    @staticmethod
+    def _frozen(probes: list[dict | None] | None) -> int | None:
+        """The first rank whose training process is stopped (state T), if any."""
+        return next((r for r, p in enumerate(probes or []) if p and p["state"] in ("T", "t")), None)
 
     @staticmethod
     def _last_beat(attempt: Attempt, default: float) -> float:

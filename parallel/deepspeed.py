@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..training.config import Config
+from ..training.errors import ConfigError
 from ..training.model import build_model
 from .data_parallel import apply_activation_checkpointing
 from .dims import ParallelDims
@@ -32,13 +33,13 @@ from .materialise import materialise
 
 
 def ds_config(cfg: Config, dp_size: int) -> dict:
-    """The DeepSpeed config of a keel config: batch sizes, ZeRO stage and offload, clipping. (No escape
-    hatch for other DeepSpeed keys yet.)"""
+    """The DeepSpeed config of a keel config: batch sizes, ZeRO stage and offload, clipping, then the
+    user's parallel.deepspeed keys merged over it (the keys keel derives are refused there at config time)."""
     p, t = cfg.parallel, cfg.train
     zero = {"stage": p.zero_stage}
     if p.zero_offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    return merged({
         # With the optimizer offloaded DeepSpeed insists on its own CPU Adam (a C++ op it JIT-compiles, ~1
         # minute per new machine) unless told otherwise; keel's AdamW is torch's fused CPU kernel, and
         # keeps the update the same as every other engine's.
@@ -51,7 +52,25 @@ def ds_config(cfg: Config, dp_size: int) -> dict:
         "zero_allow_untested_optimizer": True,  # keel's torch AdamW, so that nothing is JIT-compiled
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
-    }
+    }, p.deepspeed)
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """`extra` over `base`; a mapping in both is merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _config_error(e: Exception) -> bool:
+    """Whether DeepSpeed raised `e` over its config: its config errors, ZeRO's refusals and pydantic's
+    validation of its config models. A restart would only repeat them."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    from pydantic import ValidationError
+
+    return isinstance(e, (DeepSpeedConfigError, ZeRORuntimeException, ValidationError))
 
 
 class DeepSpeedEngine(Engine):
@@ -71,9 +90,17 @@ class DeepSpeedEngine(Engine):
             apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
         materialise(model, device, cfg.train.seed)
         optimizer = adamw(model, cfg, device)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                             config=ds_config(cfg, self.dp_size),
-                                                             dist_init_required=False)
+        config = ds_config(cfg, self.dp_size)
+        try:
+            self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                                 dist_init_required=False)
+        except Exception as e:  # noqa: BLE001 - narrowed below to what the config caused
+            if not _config_error(e):
+                raise
+            message = " ".join(str(e).split()).split(" For further information")[0]  # pydantic's link
+            raise ConfigError(f"DeepSpeed refused its config ({type(e).__name__}: {message[:300]}); check "
+                              f"parallel.deepspeed and parallel.zero_* (keel's part of it: ds_config in "
+                              f"parallel/deepspeed.py)") from e
         self.model = self.ds
         self.stage = cfg.parallel.zero_stage
 

@@ -49,3 +49,44 @@ def test_a_loss_spike_rolls_a_deepspeed_run_back_to_its_checkpoint_as_it_does_on
     run_dir = keel_train(tmp_path, "rollback", f"data.path={corpus_dir}", "parallel.engine=deepspeed",
                          "parallel.zero_stage=2", *ROLLBACK)
     assert_rolled_back_as_one_process(run_dir, reference)
+
+
+def test_parallel_deepspeed_keys_merge_over_keels_and_the_keys_keel_sets_are_refused():
+    from keel.parallel.deepspeed import ds_config
+    from keel.training.config import ConfigError, load_config
+
+    cfg = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=2",
+                             "parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1000}, "
+                             "zero_allow_untested_optimizer: false}"])
+    ds = ds_config(cfg, 2)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["zero_allow_untested_optimizer"] is False
+    with pytest.raises(ConfigError, match=r"parallel.deepspeed.zero_optimization.stage is set by keel; use "
+                                          r"parallel.zero_stage"):
+        load_config(None, ["parallel.engine=deepspeed", "parallel.deepspeed={zero_optimization: {stage: 3}}"])
+    with pytest.raises(ConfigError, match=r"parallel.deepspeed.gradient_clipping is set by keel; use optim.grad_clip"):
+        load_config(None, ["parallel.engine=deepspeed", "parallel.deepspeed={gradient_clipping: 0.5}"])
+    with pytest.raises(ConfigError, match=r"parallel.deepspeed is set but parallel.engine=native"):
+        load_config(None, ["parallel.deepspeed={zero_optimization: {overlap_comm: true}}"])
+
+
+def test_a_config_deepspeed_refuses_ends_the_run_in_one_line_without_a_retry(corpus_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from engine_runs import COMMON, ROOT, TINY_YAML
+
+    sets = [*COMMON, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}", "train.name=bad",
+            "parallel.engine=deepspeed", "parallel.deepspeed={zero_optimization: {reduce_buket_size: 1000}}"]
+    result = subprocess.run([sys.executable, "-m", "keel.launcher.cli", "train", str(TINY_YAML), "--nproc-per-node",
+                             "2", *[a for s in sets for a in ("--set", s)]], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("keel: error:")]
+    assert "DeepSpeed refused its config" in line and "reduce_buket_size" in line and "not retried" in line
+    assert "Traceback" not in result.stderr
+    ev = [json.loads(x) for x in (tmp_path / "bad" / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in ev if e["kind"] in ("restart", "gave_up")] == ["gave_up"]
+    assert next(e for e in ev if e["kind"] == "gave_up")["reason"] == "not_retryable"

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from keel.launcher.hang import HangClock
+from keel.launcher.group import GroupPlan, _descendants, _stat
+from keel.launcher.hang import HangClock, IdleWatch
 from keel.launcher.supervisor import Attempt, EventLog, Failure, Supervisor
 from keel.training.config import load_config
 
@@ -95,6 +96,92 @@ def test_an_attempt_inherits_what_the_previous_one_learned():
     second = HangClock.for_run(fault, 10.0, 1, history=first)
     steps(second, 0, [0.1], t0=10.0)
     assert second.limit(0)[0] == pytest.approx(40.0)
+
+
+def sleeping(cpu_s: float) -> dict:
+    return {"state": "S", "cpu_s": cpu_s}
+
+
+def test_a_group_silent_mid_step_whose_processes_sleep_is_hung_after_idle_hang_s():
+    c = clock()
+    t = steps(c, 0, [0.4] * 10)
+    steps(c, 1, [0.4] * 10)
+    assert c.silent_mid_step(t + 4.0, set()) is None          # not yet longer than any step (5 s)
+    watch = IdleWatch(after_s=10.0)
+    verdicts = {}
+    for s in range(6, 15):                                    # probed once a second while silent
+        verdicts[s] = watch.observe(t + s, c.silent_mid_step(t + s, set()), [sleeping(3.0), sleeping(3.01)])
+    assert [s for s, v in verdicts.items() if v] == [10, 11, 12, 13, 14]
+    assert "idle" in verdicts[10] and "fault.idle_hang_s=10" in verdicts[10]
+    assert c.stalled(t + 10, set()) is None                   # long before the 30 s limit
+
+
+def test_a_slow_step_that_keeps_a_core_busy_is_never_called_idle():
+    watch = IdleWatch(after_s=10.0)
+    # One rank computes (a core's worth of CPU a second) while its peer waits on it in a collective.
+    for s in range(60):
+        assert watch.observe(float(s), 5.0 + s, [sleeping(0.0), {"state": "R", "cpu_s": 1.0 * s}]) is None
+    # A process that sleeps but still uses 10% of a core (a busy helper thread) is not idle either.
+    for s in range(60):
+        assert watch.observe(100.0 + s, 70.0 + s, [sleeping(0.1 * s), sleeping(0.0)]) is None
+
+
+def test_idle_needs_every_process_asleep_and_every_probe_answered():
+    for probes in ([sleeping(1.0), {"state": "R", "cpu_s": 1.0}],   # runnable but starved: a loaded machine
+                   [sleeping(1.0), {"state": "D", "cpu_s": 1.0}],   # waiting on a disk
+                   [sleeping(1.0), None]):                          # an actor that did not answer
+        watch = IdleWatch(after_s=10.0)
+        assert all(watch.observe(float(s), 20.0 + s, probes) is None for s in range(30))
+    off = IdleWatch(after_s=0.0)
+    assert all(off.observe(float(s), 20.0 + s, [sleeping(1.0)]) is None for s in range(30))
+
+
+def test_a_group_in_an_eval_or_save_or_not_all_silent_is_not_watched_for_idleness():
+    c = clock()
+    t = steps(c, 0, [0.4] * 10)
+    steps(c, 1, [0.4] * 10)
+    c.observe(1, {"phase": "save", "step": 10}, t)
+    assert c.silent_mid_step(t + 20, set()) is None
+    c.observe(1, {"phase": "save_end", "step": 10, "seconds": 1.0}, t + 19)
+    assert c.silent_mid_step(t + 20, set()) is None           # rank 1 spoke a second ago
+    assert c.silent_mid_step(t + 30, set()) == pytest.approx(11.0)
+
+
+def test_idleness_is_judged_only_on_cpu_runs_with_the_adaptive_limit(tmp_path):
+    def idle_s(plan, *sets):
+        return Supervisor(load_config(None, list(sets)), plan=plan, cwd=str(tmp_path)).idle_hang_s()
+
+    cpu, gpu = GroupPlan(1, 2, 1.0, 0.0), GroupPlan(1, 2, 1.0, 1.0)
+    assert idle_s(cpu) == 10.0
+    assert idle_s(cpu, "fault.idle_hang_s=25") == 25.0
+    assert idle_s(gpu) == 0.0                                 # a rank waiting on its GPU uses no CPU either
+    assert idle_s(cpu, "fault.hang_timeout_s=60") == 0.0      # a set limit is the one rule
+
+
+def test_a_probe_counts_the_cpu_time_of_the_process_and_its_children():
+    import subprocess
+    import sys
+    import time
+
+    # A sleeping parent whose child spins: the parent sleeps, and the tree's CPU time grows by the child's.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(60)"])
+    try:
+        deadline = time.time() + 20
+        while not _descendants(parent.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        (child,) = _descendants(parent.pid)
+        time.sleep(1.0)
+        state, own = _stat(parent.pid)
+        assert state == "S" and own < 0.5
+        before = _stat(child)[1]
+        time.sleep(1.0)
+        assert _stat(child)[1] - before > 0.3                   # the spinning child shows its CPU time
+    finally:
+        for pid in _descendants(parent.pid):
+            subprocess.run(["kill", "-9", str(pid)])
+        parent.kill()
+        parent.wait()
 
 
 def beat(step: int, seconds: float = 1.0) -> dict:

@@ -104,6 +104,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:  # a free-form mapping handed on as it is (parallel.deepspeed)
+        if isinstance(value, dict):
+            return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 

@@ -208,6 +208,20 @@ class TrainConfig:
                  f"train.micro_batch_size={self.micro_batch_size}")
 
 
+# DeepSpeed keys keel derives from its own config (parallel/deepspeed.py ds_config), with the keel key to set.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size and train.micro_batch_size",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "the optim section (keel passes DeepSpeed its AdamW)",
+    "scheduler": "the schedule section (keel sets the learning rate of each step)",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "zero_optimization.stage": "parallel.zero_stage",
+}
+
+
 @dataclass
 class ParallelConfig:
     # Degrees of the device mesh; their product must equal the world size. -1 means "the rest".
@@ -230,9 +244,22 @@ class ParallelConfig:
     # the optimizer's state and update on the CPU (ZeRO-Offload).
     zero_stage: int = 1
     zero_offload_optimizer: bool = False
+    # engine: deepspeed. More DeepSpeed config keys, merged over the ones keel derives (a nested mapping
+    # merges key by key), e.g. {zero_optimization: {reduce_bucket_size: 5e7, overlap_comm: true}}. What keel
+    # already sets from its own keys is refused here (DEEPSPEED_OWNED): two places for one setting would
+    # disagree.
+    deepspeed: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _require(self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        for key, ours in DEEPSPEED_OWNED.items():
+            head, _, tail = key.partition(".")
+            section = self.deepspeed.get(head) if tail else None
+            given = key in self.deepspeed if not tail else isinstance(section, dict) and tail in section
+            _require(not given, f"parallel.deepspeed.{key} is set by keel; use {ours} instead")
+        _require(not self.deepspeed or self.engine == "deepspeed",
+                 f"parallel.deepspeed is set but parallel.engine={self.engine}; set parallel.engine=deepspeed, or "
+                 f"leave parallel.deepspeed out")
         _require(self.pp_stages_per_rank >= 1,
                  f"parallel.pp_stages_per_rank must be >= 1, got {self.pp_stages_per_rank}")
         if self.pp_schedule in ("gpipe", "1f1b"):
@@ -328,6 +355,11 @@ class FaultConfig:
     hang_timeout_s: Optional[float] = None
     hang_min_s: float = 30.0
     hang_step_factor: float = 20.0
+    # With the adaptive limit on CPUs: a group whose every rank has been silent mid-step this long while
+    # its training processes sleep and use no CPU (stuck in a gloo collective, or in a sleep) is hung now,
+    # not at the limit; a slow step keeps a core busy. 0 turns it off. Slow storage that leaves a rank
+    # blocked on reads for this long mid-step would look the same: raise it, or turn it off, there.
+    idle_hang_s: float = 10.0
     # How long a restart waits for the cluster to have room for the whole group again (a lost node
     # to be replaced) before the run gives up, or, with `elastic`, goes on with fewer nodes.
     capacity_timeout_s: float = 300.0
@@ -355,6 +387,7 @@ class FaultConfig:
         for name in ("hang_timeout_s", "hang_min_s", "hang_step_factor", "capacity_timeout_s", "startup_timeout_s"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"fault.{name} must be positive, got {value}")
+        _require(self.idle_hang_s >= 0, f"fault.idle_hang_s must be >= 0 (0 turns it off), got {self.idle_hang_s}")
 
 
 @dataclass
