@@ -102,6 +102,11 @@ def stage_env(args) -> dict:
                                      "keel train --launcher inline ran"}
 
 
+def _sig(x: float) -> float:
+    """Three significant figures: an emulated bf16 matmul on a CPU is 0.00194 TFLOP/s, not 0.0."""
+    return float(f"{x:.3g}")
+
+
 def stage_ceilings(args) -> dict:
     import torch
     from keel.kernels.peaks import measure_copy_bandwidth, measure_matmul_peak, peak_bandwidth, peak_flops
@@ -111,7 +116,7 @@ def stage_ceilings(args) -> dict:
     copy = measure_copy_bandwidth(device, nbytes)
     published_flops, flops_source = peak_flops(device, "bf16")
     published_bw, bw_source = peak_bandwidth(device)
-    out = {"matmul_bf16_tflops": round(matmul / 1e12, 2), "copy_gbps": round(copy / 1e9, 1),
+    out = {"matmul_bf16_tflops": _sig(matmul / 1e12), "copy_gbps": _sig(copy / 1e9),
            "matmul_n": n, "copy_bytes": nbytes, "peak_bf16_tflops": round(published_flops / 1e12, 1),
            "peak_source": flops_source,
            "peak_gbps": None if published_bw is None else round(published_bw / 1e9),

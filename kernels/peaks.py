@@ -29,22 +29,45 @@ def device_name(device: torch.device) -> str:
     return f"cpu x{torch.get_num_threads()} threads"
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
-    """FLOP/s of the best of ten timed n x n x n matmuls (n = 8192 on a GPU, 2048 on a CPU)."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: first call pays for kernel selection and page faults
-    best = float("inf")
-    for _ in range(10):
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                        budget_s: float = 2.0) -> float:
+    """FLOP/s of the best timed n x n x n matmul.
+
+    Without an `n`, the size grows from 256 until one matmul takes 50 ms or reaches the device's cap (8192
+    on a GPU, 2048 on a CPU), and the timing stops after ten matmuls or `budget_s`, whichever comes first.
+    The measurement must cost seconds everywhere: a CPU without native bf16 (AVX2 only) runs a bf16 matmul
+    at ~1.6 GFLOP/s, where a fixed 2048^3 took 10 s a matmul and 31 of them blocked the run's start for 5
+    minutes.
+    """
+    def once(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(3):
-            a @ b
+        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / 3)
+        return time.perf_counter() - t0
+
+    def operands(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b  # warm-up: the first call pays for kernel selection and page faults
+        return a, b
+
+    if n is None:
+        cap = 8192 if device.type == "cuda" else 2048
+        n = 256
+        a, b = operands(n)
+        while n < cap and once(a, b) < 0.05:
+            n *= 2
+            a, b = operands(n)
+    else:
+        a, b = operands(n)
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(10):
+        best = min(best, once(a, b))
+        if time.perf_counter() - start > budget_s:
+            break
     return 2 * n ** 3 / best
 
 

@@ -35,7 +35,7 @@ FROZEN_CHECK_MIN_S = 5.0
 # A CPU rank stuck in a gloo collective, or asleep, uses no CPU, where a slow but healthy step on a CPU uses
 # at least a core. Measured here: a gloo rank waiting 8 s in an all_reduce used 0.04 CPU-s. So a whole group
 # silent mid-step whose every process sleeps and used under IDLE_CPU of a core over at least IDLE_WINDOW_S is
-# hung. In the chaos soak, three hangs in collectives had each waited out the 30 s floor of the limit.
+# hung. In the chaos soak, both hangs in collectives had each waited out the 30 s floor of the limit.
 IDLE_CPU = 0.05
 IDLE_WINDOW_S = 3.0
 

@@ -54,9 +54,11 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config):
     assert accumulated == pytest.approx(whole, rel=1e-5)
 
 
-def test_bf16_autocast_trains(tiny_config):
+def test_bf16_autocast_trains_and_warns_where_the_cpu_has_no_native_bf16(tiny_config, capsys):
     summary = train(tiny_config("train.steps=10", "train.precision=bf16"))
     assert summary.val_loss < summary.first_val_loss
+    emulated = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ("without native bf16 matmuls" in capsys.readouterr().out) == emulated
 
 
 def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights_and_loss(tiny_config):

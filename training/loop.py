@@ -24,7 +24,7 @@ from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .corpus import cache_dir, default_corpus, read_meta
 from .data import BatchLoader, TokenWindows
-from .device import autocast, peak_flops, pick_device, seed_everything
+from .device import autocast, peak_flops, pick_device, seed_everything, slow_precision_warning
 from .faults import FaultInjector
 from .flops import training_flops_per_token
 from .forecast import Forecast
@@ -278,6 +278,8 @@ def _train(cfg: Config, env: RankEnv, dims: ParallelDims, device: torch.device, 
     layout_text = " ".join(f"{k}={v}" for k, v in layout.items())
     log.print(f"run {run_dir} | data {data_dir} | {env.world_size} x {device.type} ({layout_text}) | MFU against "
               f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source}), {flops_per_token / 1e6:.1f} MFLOP/token")
+    if (slow := slow_precision_warning(device, cfg.train.precision)) is not None:
+        log.print(f"[yellow]warning:[/] {slow}")
     # `fresh`: a run that starts from step 0 begins a new events.jsonl (a supervisor drops the lines from before it).
     log.event("run_start", steps=cfg.train.steps, world_size=env.world_size, device=str(device), layout=layout,
               fresh=resume_from is None)

@@ -2,12 +2,14 @@
 interpreter paths with their outputs (table, CSV, PNG) and errors within each op's tolerance."""
 import argparse
 import csv
+import time
 
 import pytest
 import torch
 
 from keel.kernels.bench import Peaks, add_bench_parser, rates
 from keel.kernels.bench_ops import OPS, Case, parse_heads, parse_sizes
+from keel.kernels.peaks import measure_matmul_peak
 from keel.launcher.bench_step import add_step_parser
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -83,3 +85,11 @@ def test_bench_step_times_training_steps_of_a_config(tiny_overrides, corpus_dir,
     (row,) = rows
     assert row["seqlen"] == 32 and row["ms"] > 0 and row["tokens_per_s"] > 0 and 0 < row["pct_peak"] < 100
     assert (tmp_path / "step.csv").is_file() and (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_a_matmul_peak_costs_seconds_even_where_bf16_is_emulated():
+    # The peak is measured at each run's start: a fixed 2048^3 bf16 matmul on an AVX2-only CPU took 10 s a
+    # time, and 31 of them held a 10-step test past its 15-minute limit. The size and count adapt instead.
+    start = time.perf_counter()
+    flops = measure_matmul_peak(torch.device("cpu"), torch.bfloat16, budget_s=1.0)
+    assert flops > 0 and time.perf_counter() - start < 20
