@@ -36,8 +36,8 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None 
     Without an `n`, the size grows from 256 until one matmul takes 50 ms or reaches the device's cap (8192
     on a GPU, 2048 on a CPU), and the timing stops after ten matmuls or `budget_s`, whichever comes first.
     The measurement must cost seconds everywhere: a CPU without native bf16 (AVX2 only) runs a bf16 matmul
-    at ~1.6 GFLOP/s, where a fixed 2048^3 took 10 s a matmul and 31 of them blocked the run's start for 5
-    minutes.
+    at ~2 GFLOP/s (fp32: ~156 on the same cores), where a fixed 2048^3 took 10 s a matmul and 31 of them
+    blocked the run's start for 5 minutes.
     """
     def once(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
