@@ -1,5 +1,6 @@
 """Data: prepared shards (split without overlap, resumable, the same for any worker count), a deterministic
 resumable loader sharded by data-parallel rank."""
+import fcntl
 import json
 import os
 import signal
@@ -282,3 +283,21 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
     big_jsonl(tmp_path / "large.jsonl", 60)
     # Holding the documents would cost well over their 60 MB as Python strings; streaming costs a few batches.
     assert peak_rss_mb(tmp_path, tmp_path / "large.jsonl") - peak_rss_mb(tmp_path, tmp_path / "small.jsonl") < 25
+
+
+def test_processes_preparing_one_folder_at_once_take_turns_and_the_later_ones_reuse_the_result(tmp_path):
+    # A ladder's runs, or a job's ranks, starting together on an empty cache all ask for the embedded corpus.
+    big_jsonl(tmp_path / "docs.jsonl", 1)
+    out = tmp_path / "out"
+    code = (f"from keel.training.corpus import prepare; meta = prepare([{str(tmp_path / 'docs.jsonl')!r}], "
+            f"{str(out)!r}, progress=False, reuse=True, say=lambda line: print(line, flush=True)); "
+            f"print(meta['splits']['train']['documents'])")
+    with open(tmp_path / ".out.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another preparation is under way
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+        assert [p.stdout.readline() for p in procs] == [f"waiting for another process that is preparing {out}\n"] * 3
+        assert not out.exists() and not (tmp_path / ".out.partial").exists()
+    documents = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and len(set(documents)) == 1
+    prepare([tmp_path / "docs.jsonl"], tmp_path / "alone", progress=False)
+    assert same_files(out, tmp_path / "alone")

@@ -20,13 +20,14 @@ files start over. Only a finished corpus is renamed to NAME, so a half-written o
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sysconfig
 from collections import deque
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -68,14 +69,19 @@ def is_validation(key: str, val_percent: float) -> bool:
 def prepare(sources: list[str | Path], out_dir: str | Path, tokenizer: str = "byte", vocab_size: int = 4096,
             val_percent: float = 5.0, shard_tokens: int = 100_000_000, skip_dirs: set[str] = frozenset(),
             progress: bool = True, text_column: str = "text", eot: str | None = None, workers: int = 1,
-            batch_bytes: int = BATCH_BYTES, say: Callable[[str], None] = lambda line: None) -> dict:
+            batch_bytes: int = BATCH_BYTES, say: Callable[[str], None] = lambda line: None,
+            reuse: bool = False) -> dict:
     """Tokenize `sources` into `out_dir` and return the meta dict written to meta.json.
 
     `tokenizer` is "byte", "bpe" (trained here on the training split, `vocab_size` tokens) or the path of a
     Hugging Face tokenizer.json (or of a folder holding one); `eot` names its end-of-text token when it
     cannot be found. `workers` > 1 tokenizes in that many spawned processes: a script calling this must
     guard its top level with `if __name__ == "__main__":`, as multiprocessing requires. `say` receives
-    one-line notes (a resumed run, a split by position)."""
+    one-line notes (a resumed run, a split by position, a wait for another process).
+
+    One process at a time prepares a given out_dir: the others wait on a lock file beside it (`.NAME.lock`,
+    released by the kernel if its holder dies). With `reuse`, a finished out_dir found once the lock is held
+    is returned as it is, so runs that start together on an empty cache prepare the corpus once."""
     sources, out_dir = [Path(s) for s in sources], Path(out_dir)
     if not 0 < val_percent < 100:
         raise DataError(f"val_percent must be in (0, 100), got {val_percent:g}; pass e.g. --val-percent 5")
@@ -88,11 +94,35 @@ def prepare(sources: list[str | Path], out_dir: str | Path, tokenizer: str = "by
     user_tok = _user_tokenizer(tokenizer, eot)
     job = Job(files, tokenizer, vocab_size, val_percent, shard_tokens, text_column,
               user_tok.json_text if isinstance(user_tok, HFTokenizer) else None, eot)
+    with _exclusive(out_dir, say):
+        if reuse and (out_dir / META).is_file():
+            return read_meta(out_dir)
+        return _prepare(files, out_dir, user_tok, job, workers, batch_bytes, progress, say, sources)
+
+
+@contextmanager
+def _exclusive(out_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+    # Two preparations of one folder share its `.partial` directory: each would truncate the other's shards.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process that is preparing {out_dir}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _prepare(files: list[InputFile], out_dir: Path, user_tok, job: Job, workers: int, batch_bytes: int,
+             progress: bool, say: Callable[[str], None], sources: list[Path]) -> dict:
     partial = out_dir.parent / f".{out_dir.name}.partial"
     try:
         state = _resumable(partial, job.fingerprint())
         if state is None:
-            tok = user_tok or _train_bpe(files, text_column, vocab_size, val_percent)
+            tok = user_tok or _train_bpe(files, job.text_column, job.vocab_size, job.val_percent)
             state = _start(partial, job, tok)
         else:
             tok = _tokenizer_of(partial, state)
@@ -453,9 +483,9 @@ def default_corpus(tokenizer: str = "byte", vocab_size: int = 4096, progress: bo
 
     tag = f"stdlib-py{platform.python_version()}-{tokenizer}" + (f"{vocab_size}" if tokenizer == "bpe" else "")
     out = cache_dir() / "data" / tag
-    if not (out / META).is_file():
+    if not (out / META).is_file():  # runs that start together (a ladder's, a job's ranks) prepare it once
         prepare([stdlib_path()], out, tokenizer=tokenizer, vocab_size=vocab_size,
-                skip_dirs=STDLIB_SKIP_DIRS, progress=progress)
+                skip_dirs=STDLIB_SKIP_DIRS, progress=progress, reuse=True)
     return out
 
 
