@@ -1,8 +1,8 @@
 """Predictable scaling, end to end on this machine: plan a ladder, run it, fit, predict a held-out run with
 10x the largest ladder budget before it starts, run it, and compare.
 
-    python benchmarks/scaling.py            # 16-run ladder over 5e10..5e11 FLOPs, check run at 5e12
-    python benchmarks/scaling.py --quick    # 9 runs over 1e10..1e11, check at 1e12 (a few minutes)
+    python benchmarks/scaling.py            # 19-run ladder, five budgets over 2e10..6e11 FLOPs, check run at 6e12
+    python benchmarks/scaling.py --quick    # 9 runs over 2e10..2e11, check at 2e12 (a few minutes)
 
 Models this small are far from Chinchilla's regime: their output layer and attention are most of their
 FLOPs, and their compute-optimal run sees more tokens per parameter (70-150 per non-embedding parameter at
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the short version (9 runs, check at 1e12)")
+    ap.add_argument("--quick", action="store_true", help="the short version (9 runs, check at 2e12)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling"))
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--budgets", default=None, help="the ladder's budgets, LOW:HIGH:COUNT (default 5e10:5e11:4; "
-                    "--quick 1e10:1e11:3): another ladder to check the method on")
+    ap.add_argument("--budgets", default=None, help="the ladder's budgets, LOW:HIGH:COUNT (default 2e10:6e11:5; "
+                    "--quick 2e10:2e11:3): another ladder to check the method on")
     args = ap.parse_args()
 
     from keel.launcher.raylaunch import train_on_ray
@@ -43,7 +43,7 @@ def main() -> None:
     from keel.scaling.runner import QUIET, run_ladder
     from keel.training.record import read_record
 
-    budgets, sizes = ("1e10:1e11:3", 3) if args.quick else ("5e10:5e11:4", 5)
+    budgets, sizes = ("2e10:2e11:3", 3) if args.quick else ("2e10:6e11:5", 5)
     budgets = args.budgets or budgets
     out = Path(args.out) / ("quick" if args.quick else "full") / budgets.replace(":", "_")
     base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled"]

@@ -62,6 +62,11 @@ class ChinchillaFit:
         """The lowest loss reachable with `compute` FLOPs (at the compute-optimal N and D)."""
         return self.predict(*self.compute_optimal(compute))
 
+    def exponents_at_bounds(self) -> list[str]:
+        """The exponents the fit left on a bound of its search: the runs did not determine them."""
+        lo, hi = EXPONENT_BOUNDS
+        return [name for name in ("alpha", "beta") if not lo + 1e-6 < getattr(self, name) < hi - 1e-6]
+
     def to_dict(self) -> dict:
         return to_plain(self)
 
@@ -105,7 +110,7 @@ _HOFFMANN_GRID = np.array(list(itertools.product(
     np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.5, 0.5),
     np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5))))
 _EXPONENT_GRID = np.arange(0.05, 1.51, 0.05)
-_EXPONENT_BOUNDS = (1e-3, 3.0)
+EXPONENT_BOUNDS = (1e-3, 3.0)
 _LOG_FLOOR = -20.0  # a coefficient of e^-20 is zero for any loss worth fitting
 
 
@@ -137,7 +142,7 @@ def fit_chinchilla(n_params, n_tokens, loss, *, delta: float = HUBER_DELTA,
     xn, xd = log_n - cn, log_d - cd
     top = float(np.log(l.max())) + 2
     bounds = [(_LOG_FLOOR, top), (_LOG_FLOOR, top), (_LOG_FLOOR, float(np.log(l.max()))),
-              _EXPONENT_BOUNDS, _EXPONENT_BOUNDS]
+              EXPONENT_BOUNDS, EXPONENT_BOUNDS]
     # The summed loss near the optimum is ~delta^2 = 1e-6 per run, while L-BFGS-B's stopping tests are
     # absolute below 1 (ftol divides by max(|f|, 1)) and would stop it ~1e-4 short in relative terms
     # (Besiroglu et al.'s finding about the published fit). Scaled by 1/delta^2 the loss is O(runs), and

@@ -165,6 +165,9 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     y = np.array([p.loss for p in points], float)
     main = fit_chinchilla(n, d, y)
     notes = [] if main.converged else ["approach 3 did not converge: its constants are the best point found"]
+    notes += [f"approach 3's {name} = {getattr(main, name):g} sits on its bound: these runs do not determine it; "
+              f"spread the sizes on both sides of each budget's optimum"
+              for name in main.exponents_at_bounds()]
     kept: list[ChinchillaFit] = []
 
     def refit(idx):
@@ -177,6 +180,9 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     if boot.failed:
         notes.append(f"{boot.failed} of {replicates} bootstrap refits did not converge and were left out")
     budgets = np.array([p.budget if p.budget else p.flops for p in points], float)
+    if any(p.budget for p in points) and len(set(budgets)) < 5:
+        notes.append(f"{len(set(budgets))} budgets: fewer than 5 hold the frontier law's offset loosely (a real "
+                     f"ladder has >= 5 over >= 2 decades)")
     approach2 = frontier = None
     try:
         approach2 = fit_isoflop(n, d, y, budgets)

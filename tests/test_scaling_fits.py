@@ -16,8 +16,10 @@ from keel.scaling.capability import (CapabilityFit, TwoStepFit, fit_capability, 
 from keel.scaling.chinchilla import (HOFFMANN_ROUNDED, HOFFMANN_TEX, ChinchillaFit, fit_chinchilla,
                                      huber_lse_objective)
 from keel.scaling.curve import CurveFit, LossCurve, fit_curve, schedule_areas
+from keel.scaling.fit import fit_points
 from keel.scaling.frontier import compute_frontier, fit_frontier
 from keel.scaling.isoflop import IsoFLOPFit, fit_isoflop
+from keel.scaling.points import Point
 from keel.scaling.power_law import OffsetPowerLaw
 
 LAW = ChinchillaFit(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)
@@ -298,6 +300,24 @@ def test_llama3_two_step_forecast_predicts_accuracy_of_a_larger_model():
     assert fit.converged
     assert fit.accuracy.midpoint == pytest.approx(0.9, abs=0.02)
     assert fit.predict(1e24) == pytest.approx(accuracy_of(nll_law.predict(1e24)), abs=0.02)
+
+
+def ladder_points(law=LAW, budgets=BUDGETS, seed=3):
+    n, d, j = ladder(law=law, budgets=budgets)
+    loss = noisy_losses(n, d, seed=seed, law=law)
+    return [Point(f"r{i}", n[i], d[i], 6 * n[i] * d[i], loss[i], budget=budgets[j[i]]) for i in range(len(n))]
+
+
+def test_a_fit_says_when_an_exponent_sits_on_its_bound_or_the_ladder_has_fewer_than_five_budgets():
+    assert fit_points(ladder_points(), replicates=10).notes == []
+    # Loss that falls with N faster than the search allows: alpha ends on its bound, and the fit says so.
+    steep = ChinchillaFit(E=1.82, A=4.8e20, B=2085.0, alpha=3.5, beta=0.366)
+    notes = fit_points(ladder_points(law=steep), replicates=10).notes
+    assert any(note.startswith("approach 3's alpha = 3 sits on its bound") for note in notes)
+    assert not any("beta" in note for note in notes)
+    notes = fit_points(ladder_points(budgets=BUDGETS[:4]), replicates=10).notes
+    assert notes == ["4 budgets: fewer than 5 hold the frontier law's offset loosely (a real ladder has >= 5 over "
+                     ">= 2 decades)"]
 
 
 # --- inputs and records ---------------------------------------------------------------------------------
