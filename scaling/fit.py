@@ -176,10 +176,13 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
             kept.append(f)
         return f
 
-    boot = bootstrap(refit, len(points), {"E": lambda f: f.E}, replicates=replicates, seed=seed)
+    budgets = np.array([p.budget if p.budget else p.flops for p in points], float)
+    # A ladder's runs are resampled within their budgets, as it was designed: a resample of the whole could
+    # drop every run of one size (9 runs of 3 sizes lose one in ~1 of 10 resamples) and leave nothing to fit.
+    boot = bootstrap(refit, len(points), {"E": lambda f: f.E}, replicates=replicates, seed=seed,
+                     strata=budgets if all(p.budget for p in points) else None)
     if boot.failed:
         notes.append(f"{boot.failed} of {replicates} bootstrap refits did not converge and were left out")
-    budgets = np.array([p.budget if p.budget else p.flops for p in points], float)
     if any(p.budget for p in points) and len(set(budgets)) < 5:
         notes.append(f"{len(set(budgets))} budgets: fewer than 5 hold the frontier law's offset loosely (a real "
                      f"ladder has >= 5 over >= 2 decades)")

@@ -320,6 +320,20 @@ def test_a_fit_says_when_an_exponent_sits_on_its_bound_or_the_ladder_has_fewer_t
                      ">= 2 decades)"]
 
 
+def test_a_small_ladder_of_three_sizes_repeated_at_three_budgets_gets_its_intervals():
+    # Resampling all nine runs together drops every run of one size in about one replicate of ten, and
+    # Approach 3 cannot be refitted on two sizes; within budgets, each replicate keeps the design.
+    sizes = ladder(budgets=BUDGETS[2:3], sizes=3)[0]
+    n = np.tile(sizes, 3)
+    budgets = np.repeat(BUDGETS[:3], 3)
+    d = budgets / (6 * n)
+    loss = noisy_losses(n, d, seed=0)
+    fit = fit_points([Point(f"r{i}", n[i], d[i], budgets[i], loss[i], budget=budgets[i]) for i in range(9)])
+    assert len(fit.replicates) >= 180
+    value, interval = fit.loss(1e9, 1e11)
+    assert interval.p10 < value < interval.p90
+
+
 # --- inputs and records ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, problem", [
