@@ -2,10 +2,13 @@
 import json
 
 import pytest
+import torch
 
+from keel.parallel.local import LocalEngine
+from keel.training.data import TokenWindows
 from keel.training.flops import count_params, training_flops_per_token
-from keel.training.loop import train
-from keel.training.record import eval_curve, read_record
+from keel.training.loop import evaluate, train
+from keel.training.record import eval_curve, eval_set_fingerprint, read_record
 from keel.training.schedule import lr_at
 
 
@@ -35,6 +38,18 @@ def test_the_eval_set_fingerprint_follows_the_held_out_windows_not_the_batch_siz
     assert a.data_fingerprint == b.data_fingerprint == c.data_fingerprint
     assert a.eval_set == b.eval_set != c.eval_set
     assert b.eval_curve[0]["loss"] == pytest.approx(a.eval_curve[0]["loss"], rel=1e-5)  # same windows, same model
+
+
+def test_runs_that_differ_only_in_seed_are_scored_on_the_same_held_out_tokens(tiny_config, corpus_dir):
+    # The seed changes the initial weights and the training order, not what the eval loss measures: a seed
+    # sweep's spread is then the training's, with no held-out sampling noise of its own.
+    a, b = tiny_config("train.seed=0"), tiny_config("train.seed=1")
+    engine = LocalEngine(a, torch.device("cpu"))
+    windows = TokenWindows(corpus_dir, "val", a.data.seq_len)
+    assert evaluate(engine, windows, b) == evaluate(engine, windows, a)
+    other_windows = tiny_config("train.eval_batches=3")
+    assert evaluate(engine, windows, other_windows) != evaluate(engine, windows, a)
+    assert eval_set_fingerprint(a, "data") == eval_set_fingerprint(b, "data") != eval_set_fingerprint(other_windows, "data")
 
 
 def test_a_restarted_run_records_each_evaluated_step_once_the_last_measurement_winning(tmp_path):

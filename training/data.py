@@ -46,6 +46,11 @@ class TokenWindows:
         return self.shards[shard][offset:offset + self.seq_len + 1]
 
 
+# The permutation the held-out batches are drawn from: fixed, so that a run's seed changes its training data
+# order and its initial weights but not the tokens its eval loss is measured on.
+HELD_OUT_SEED = 0
+
+
 class BatchLoader:
     """Serves this rank's share of global batch 0, 1, 2, ... as (inputs, targets) [b, T] int64 tensors."""
 

@@ -23,7 +23,7 @@ from ..parallel.factory import make_engine
 from ..parallel.mesh import init_distributed
 from .config import Config, ConfigError, config_to_dict, dump_config
 from .corpus import cache_dir, default_corpus, read_meta
-from .data import BatchLoader, TokenWindows
+from .data import HELD_OUT_SEED, BatchLoader, TokenWindows
 from .device import autocast, peak_flops, pick_device, seed_everything, slow_precision_warning
 from .faults import FaultInjector
 from .flops import training_flops_per_token
@@ -187,8 +187,9 @@ def watch(forecast: Forecast | None, step: int, val_loss: float, log: RunLogger)
 
 
 def evaluate(engine: Engine, windows: TokenWindows, cfg: Config) -> float:
-    # A fresh loader each time: every evaluation scores the same held-out batches, so points compare.
-    loader = BatchLoader(windows, cfg.train.global_batch_size, engine.dp_rank, engine.dp_size, seed=cfg.train.seed)
+    # A fresh loader each time: every evaluation scores the same held-out batches, so points compare. Its
+    # seed is not the run's: runs that differ only in seed are scored on the same tokens.
+    loader = BatchLoader(windows, cfg.train.global_batch_size, engine.dp_rank, engine.dp_size, seed=HELD_OUT_SEED)
     losses = [engine.eval_loss(*next(loader)) for _ in range(cfg.train.eval_batches)]
     return sum(losses) / len(losses)
 

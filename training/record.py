@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import Config
 from .corpus import read_meta
+from .data import HELD_OUT_SEED
 from .flops import count_params, training_flops_per_token
 from .schedule import lr_at
 
@@ -65,10 +66,9 @@ def data_fingerprint(data_dir: Path) -> str:
 
 
 def eval_set_fingerprint(cfg: Config, data_fp: str) -> str:
-    # evaluate() scores the first eval_batches x global_batch_size windows of the seed's permutation of the
-    # validation split: these four numbers fix the held-out set.
-    return fingerprint(data_fp, cfg.data.seq_len, cfg.train.seed,
-                       cfg.train.eval_batches * cfg.train.global_batch_size)
+    # evaluate() scores the first eval_batches x global_batch_size windows of one fixed permutation of the
+    # validation split (HELD_OUT_SEED's, whatever the run's seed): these numbers fix the held-out set.
+    return fingerprint(data_fp, cfg.data.seq_len, HELD_OUT_SEED, cfg.train.eval_batches * cfg.train.global_batch_size)
 
 
 def eval_curve(metrics: Path, tokens_per_step: int) -> list[dict]:
