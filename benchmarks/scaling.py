@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--budgets", default=None, help="the ladder's budgets, LOW:HIGH:COUNT (default 2e10:6e11:5; "
                     "--quick 2e10:2e11:3): another ladder to check the method on")
+    ap.add_argument("--eval-sequences", type=int, default=512,
+                    help="held-out sequences every run is scored on (ladders A-E of RESULTS.md used 64)")
     args = ap.parse_args()
 
     from keel.launcher.raylaunch import train_on_ray
@@ -48,7 +50,8 @@ def main() -> None:
     out = Path(args.out) / ("quick" if args.quick else "full") / budgets.replace(":", "_")
     base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled"]
     ladder = plan(str(ROOT / "configs" / "tiny.yaml"), base, parse_budgets(budgets), sizes=sizes,
-                  output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=100)
+                  output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=100,
+                  eval_sequences=args.eval_sequences)
     out.mkdir(parents=True, exist_ok=True)
     ladder.save(out / "ladder.yaml")
     fitted = [r for r in ladder.rungs if r.role == "ladder"]

@@ -12,7 +12,8 @@ def cmd_plan(args) -> None:
     overrides = [*args.overrides, *([f"train.tasks={args.tasks}"] if args.tasks else [])]
     ladder = plan(args.base, overrides, parse_budgets(args.budgets), sizes=args.sizes,
                   size_step=args.size_step, target_flops=args.target_flops, check_factor=args.check_factor,
-                  output_dir=args.output_dir, name=args.name, tokens_per_param=args.tokens_per_param)
+                  output_dir=args.output_dir, name=args.name, tokens_per_param=args.tokens_per_param,
+                  eval_sequences=args.eval_sequences)
     ladder.save(args.out)
     fitted = [r for r in ladder.rungs if r.role == "ladder"]
     budgets = sorted({r.budget for r in fitted})
@@ -168,6 +169,8 @@ def add_scale_parser(sub) -> None:
     p.add_argument("--target-flops", type=float, help="the big run's budget, for the forecast")
     p.add_argument("--check-factor", type=float, default=10.0,
                    help="a held-out check run at this multiple of the largest budget (0: none)")
+    p.add_argument("--eval-sequences", type=int, default=512,
+                   help="held-out sequences every run is scored on (default 512; fewer are faster and noisier)")
     p.add_argument("--tasks", metavar="heldout|FILE",
                    help="score a capability suite at the end of every run (train.tasks): heldout = next-line "
                         "completion from the held-out split, or a JSONL file of prompt/answer lines")

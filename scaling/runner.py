@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..training.record import RECORD
+from ..training.record import RECORD, eval_set_fingerprint
 from .plan import Ladder, Rung
 
 QUIET = ["logging.progress=false", "logging.log_every=1000000000"]
@@ -24,11 +24,15 @@ def run_dir(ladder: Ladder, rung: Rung) -> Path:
 
 
 def finished(ladder: Ladder, rung: Rung) -> bool:
+    """The rung's run directory holds a record of its full length, scored on the ladder's held-out set (a
+    ladder planned again with another eval set runs its rungs again)."""
     path = run_dir(ladder, rung) / RECORD
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text())["schedule"]["steps"] == rung.steps
+        record = json.loads(path.read_text())
+        return (record["schedule"]["steps"] == rung.steps
+                and record["eval_set"] == eval_set_fingerprint(ladder.config(rung), record["data_fingerprint"]))
     except (ValueError, KeyError):
         return False
 

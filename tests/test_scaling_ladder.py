@@ -7,6 +7,7 @@ import pytest
 from keel.launcher.cli import main
 from keel.scaling.fit import ScalingFit
 from keel.scaling.plan import Ladder
+from keel.scaling.runner import finished
 from keel.training.record import read_record
 
 pytestmark = pytest.mark.timeout(600)
@@ -16,7 +17,7 @@ def test_a_ladder_runs_each_rung_once_and_its_fit_reproduces_the_runs(corpus_dir
     ladder_file = tmp_path / "ladder.yaml"
     main(["scale", "plan", "--set", f"data.path={corpus_dir}", "--set", "data.seq_len=32", "--set",
           "model.max_seq_len=32", "--set", "logging.wandb.mode=disabled", "--budgets", "2e10:2e11:4", "--sizes", "3",
-          "--tokens-per-param", "50", "--check-factor", "0", "--output-dir", str(tmp_path / "runs"),
+          "--tokens-per-param", "50", "--check-factor", "0", "--eval-sequences", "64", "--output-dir", str(tmp_path / "runs"),
           "-o", str(ladder_file)])
     assert "12 runs over 4 budgets" in capsys.readouterr().out
     ladder = Ladder.load(ladder_file)
@@ -35,6 +36,11 @@ def test_a_ladder_runs_each_rung_once_and_its_fit_reproduces_the_runs(corpus_dir
     main(["scale", "run", str(ladder_file)])
     assert "12 of 12 runs finished" in capsys.readouterr().out
     assert stamps == {n: (tmp_path / "runs" / n / "record.json").stat().st_mtime_ns for n in records}
+    # The same ladder planned with another held-out set is not finished: its runs were scored on other tokens.
+    assert all(finished(ladder, r) for r in ladder.rungs)
+    for r in ladder.rungs:
+        r.eval_batches *= 2
+    assert not any(finished(ladder, r) for r in ladder.rungs)
 
     main(["scale", "fit", str(ladder_file), "-o", str(tmp_path / "fit.json"), "--replicates", "50"])
     fit = ScalingFit.load(tmp_path / "fit.json")

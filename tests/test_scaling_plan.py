@@ -53,7 +53,7 @@ def test_learning_rate_follows_deepseek_in_compute_and_one_over_width_across_siz
 
 
 def test_every_run_scores_the_same_held_out_windows_and_the_check_run_is_ten_times_the_largest(ladder):
-    assert len({r.eval_batches * r.global_batch_size for r in ladder.rungs}) == 1
+    assert {r.eval_batches * r.global_batch_size for r in ladder.rungs} == {512}  # EVAL_SEQUENCES
     check = [r for r in ladder.rungs if r.role == "check"]
     assert len(check) == 1 and check[0].budget == pytest.approx(10 * 1e12)
 
@@ -107,3 +107,11 @@ def test_published_points_come_in_as_a_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("n,d,l\n1,2,3\n")
     with pytest.raises(LadderError, match="needs the columns params, tokens and loss"):
         load_points([tmp_path / "bad.csv"])
+
+
+def test_the_held_out_set_is_a_whole_number_of_the_largest_batch_and_never_empty():
+    small = plan(None, BASE, parse_budgets("1e11:1e12:3"), sizes=3, output_dir="runs/l", eval_sequences=100)
+    largest = max(r.global_batch_size for r in small.rungs)
+    assert {r.eval_batches * r.global_batch_size for r in small.rungs} == {-(-100 // largest) * largest}
+    with pytest.raises(LadderError, match="--eval-sequences 0: the held-out set needs at least one sequence"):
+        plan(None, BASE, parse_budgets("1e11:1e12:3"), sizes=3, output_dir="runs/l", eval_sequences=0)
