@@ -196,18 +196,19 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     except ValueError as e:
         notes.append(f"approach 2 not fitted: {e}")
     frontier_kept: list[OffsetPowerLaw] = []
+    on = _frontier_runs(budgets, approach2, notes)
     try:
-        frontier = fit_frontier(c, y)
+        frontier = fit_frontier(c[on], y[on])
 
         def refit_frontier(idx):
-            f = fit_frontier(c[idx], y[idx])
+            f = fit_frontier(c[on][idx], y[on][idx])
             if f.converged:
                 frontier_kept.append(f)
             return f
 
         # Resampled within budgets, so that every replicate still has every budget's frontier point.
-        bootstrap(refit_frontier, len(points), {"offset": lambda f: f.offset}, replicates=replicates, seed=seed,
-                  strata=budgets)
+        bootstrap(refit_frontier, int(on.sum()), {"offset": lambda f: f.offset}, replicates=replicates, seed=seed,
+                  strata=budgets[on])
     except ValueError as e:
         notes.append(f"frontier law not fitted: {e}")
     curves, batch = fit_curves(points)
@@ -223,6 +224,24 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
                       frontier_replicates=[[f.coefficient, f.exponent, f.offset] for f in frontier_kept],
                       curves=curves, curve_batch_tokens=batch, shared_curve=shared, tasks=tasks,
                       notes=notes)
+
+
+def _frontier_runs(budgets: np.ndarray, approach2: IsoFLOPFit | None, notes: list[str]) -> np.ndarray:
+    """Which runs the frontier law is fitted to: those of every budget whose IsoFLOP minimum lies among the
+    sizes run there. Elsewhere the best run is not the best loss at that compute but above it, and at the
+    low end (where the smallest model is already too big) that bend reads as a floor: this machine's
+    five-budget ladders all had 2e10 outside, and their forecasts came out too high. Kept when fewer than 4
+    budgets would remain, the law's minimum."""
+    on = np.ones(len(budgets), bool)
+    if approach2 is None:
+        return on
+    outside = [b.compute for b in approach2.budgets if not b.inside]
+    off = np.array([any(np.isclose(x, b, rtol=0.1) for b in outside) for x in budgets], bool)
+    if off.any() and len(np.unique(budgets[~off])) >= 4:
+        notes.append(f"frontier law fitted without budget(s) {', '.join(f'{b:.2g}' for b in outside)}: the best run "
+                     f"there is not at the optimum, so it lies above the frontier")
+        return ~off
+    return on
 
 
 def fit_curves(points: list[Point]) -> tuple[dict[str, CurveFit], float | None]:
