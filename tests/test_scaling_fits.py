@@ -320,6 +320,21 @@ def test_a_fit_says_when_an_exponent_sits_on_its_bound_or_the_ladder_has_fewer_t
                      ">= 2 decades)"]
 
 
+def test_the_frontier_leaves_out_a_budget_whose_sizes_all_lie_above_its_optimum():
+    # The smallest budget's sizes start at 4x its optimum (the smallest model a ladder can build is already
+    # too big there): its best run lies above the frontier, and a law through it bends towards a false floor.
+    n, d, j = ladder()
+    low = ladder(budgets=BUDGETS[:1], shift=4.0 ** 1.5)
+    n, d, j = np.r_[low[0], n[j > 0]], np.r_[low[1], d[j > 0]], np.r_[low[2], j[j > 0]]
+    loss = LAW.predict(n, d)
+    points = [Point(f"r{i}", n[i], d[i], 6 * n[i] * d[i], loss[i], budget=BUDGETS[j[i]]) for i in range(len(n))]
+    fit = fit_points(points, replicates=10)
+    assert "frontier law fitted without budget(s) 1e+18" in " ".join(fit.notes)
+    truth = float(LAW.loss_at_compute(FAR))
+    through_all = float(fit_frontier(6 * n * d, loss).predict(FAR))
+    assert abs(float(fit.frontier.predict(FAR)) / truth - 1) < abs(through_all / truth - 1) / 2
+
+
 def test_a_small_ladder_of_three_sizes_repeated_at_three_budgets_gets_its_intervals():
     # Resampling all nine runs together drops every run of one size in about one replicate of ten, and
     # Approach 3 cannot be refitted on two sizes; within budgets, each replicate keeps the design.
