@@ -228,10 +228,9 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
 
 def _frontier_runs(budgets: np.ndarray, approach2: IsoFLOPFit | None, notes: list[str]) -> np.ndarray:
     """Which runs the frontier law is fitted to: those of every budget whose IsoFLOP minimum lies among the
-    sizes run there. Elsewhere the best run is not the best loss at that compute but above it, and at the
-    low end (where the smallest model is already too big) that bend reads as a floor: this machine's
-    five-budget ladders all had 2e10 outside, and their forecasts came out too high. Kept when fewer than 4
-    budgets would remain, the law's minimum."""
+    sizes run there (all of them when fewer than 4 budgets would remain, the law's minimum). Elsewhere the
+    best run is not the best loss at that compute but above it; at the low end, where the smallest model is
+    already too big, the law reads that bend as a floor and forecasts too high."""
     on = np.ones(len(budgets), bool)
     if approach2 is None:
         return on
