@@ -302,10 +302,14 @@ def test_llama3_two_step_forecast_predicts_accuracy_of_a_larger_model():
     assert fit.predict(1e24) == pytest.approx(accuracy_of(nll_law.predict(1e24)), abs=0.02)
 
 
+def as_points(n, d, loss, budgets):
+    """Runs as `keel scale fit` reads them from a ladder: each with the budget it was planned for."""
+    return [Point(f"r{i}", n[i], d[i], 6 * n[i] * d[i], loss[i], budget=budgets[i]) for i in range(len(n))]
+
+
 def ladder_points(law=LAW, budgets=BUDGETS, seed=3):
     n, d, j = ladder(law=law, budgets=budgets)
-    loss = noisy_losses(n, d, seed=seed, law=law)
-    return [Point(f"r{i}", n[i], d[i], 6 * n[i] * d[i], loss[i], budget=budgets[j[i]]) for i in range(len(n))]
+    return as_points(n, d, noisy_losses(n, d, seed=seed, law=law), np.asarray(budgets)[j])
 
 
 def test_a_fit_says_when_an_exponent_sits_on_its_bound_or_the_ladder_has_fewer_than_five_budgets():
@@ -327,8 +331,7 @@ def test_the_frontier_leaves_out_a_budget_whose_sizes_all_lie_above_its_optimum(
     low = ladder(budgets=BUDGETS[:1], shift=4.0 ** 1.5)
     n, d, j = np.r_[low[0], n[j > 0]], np.r_[low[1], d[j > 0]], np.r_[low[2], j[j > 0]]
     loss = LAW.predict(n, d)
-    points = [Point(f"r{i}", n[i], d[i], 6 * n[i] * d[i], loss[i], budget=BUDGETS[j[i]]) for i in range(len(n))]
-    fit = fit_points(points, replicates=10)
+    fit = fit_points(as_points(n, d, loss, BUDGETS[j]), replicates=10)
     assert "frontier law fitted without budget(s) 1e+18" in " ".join(fit.notes)
     truth = float(LAW.loss_at_compute(FAR))
     through_all = float(fit_frontier(6 * n * d, loss).predict(FAR))
@@ -343,7 +346,7 @@ def test_a_small_ladder_of_three_sizes_repeated_at_three_budgets_gets_its_interv
     budgets = np.repeat(BUDGETS[:3], 3)
     d = budgets / (6 * n)
     loss = noisy_losses(n, d, seed=0)
-    fit = fit_points([Point(f"r{i}", n[i], d[i], budgets[i], loss[i], budget=budgets[i]) for i in range(9)])
+    fit = fit_points(as_points(n, d, loss, budgets))
     assert len(fit.replicates) >= 180
     value, interval = fit.loss(1e9, 1e11)
     assert interval.p10 < value < interval.p90
