@@ -44,9 +44,11 @@ class OffsetPowerLaw:
 
 
 @single_threaded
-def fit_offset_power_law(x, y, *, what: str = "points", decreasing: bool = True) -> OffsetPowerLaw:
+def fit_offset_power_law(x, y, *, what: str = "points", decreasing: bool = True,
+                         exponent: float | None = None) -> OffsetPowerLaw:
     """Least squares in log y of offset + scale (x/x_ref)^exponent, with scale > 0, offset in [0, min y)
-    and the exponent's sign fixed (negative when `decreasing`).
+    and the exponent's sign fixed (negative when `decreasing`). A given `exponent` is held there: only
+    scale and offset are fitted (3 distinct x suffice).
 
     Started by variable projection (for a fixed exponent, offset and scale are a linear least-squares
     problem on relative errors; the exponent is searched in one dimension), then polished on all three.
@@ -55,7 +57,11 @@ def fit_offset_power_law(x, y, *, what: str = "points", decreasing: bool = True)
     x = positive(f"x of the {what}", x, fix=fix)
     y = positive(f"y of the {what}", y, fix=fix)
     same_length(x=x, y=y)
-    at_least(f"{what} for a power law with offset (3 constants)", len(np.unique(x)), 4,
+    if exponent is not None and (exponent < 0) != decreasing:
+        raise ValueError(f"exponent {exponent:g} for a {'de' if decreasing else 'in'}creasing law: give it the sign of "
+                         f"the trend")
+    constants = 3 if exponent is None else 2
+    at_least(f"{what} for a power law with offset ({constants} constants)", len(np.unique(x)), constants + 1,
              fix="add points at more distinct x (compute budgets)")
     x_ref = float(np.exp(np.log(x).mean()))
     u = np.log(x / x_ref)
@@ -71,6 +77,8 @@ def fit_offset_power_law(x, y, *, what: str = "points", decreasing: bool = True)
         scale = max(scale, 1e-12)
         return offset, scale, float(np.sum((np.log(offset + scale * z) - np.log(y)) ** 2))
 
+    if exponent is not None:
+        return _fit_scale_and_offset(u, y, exponent, projected(exponent), x_ref, ceiling)
     magnitudes = np.geomspace(1e-3, 3.0, 60)
     costs = [projected(sign * m)[2] for m in magnitudes]
     k = int(np.argmin(costs))
@@ -90,3 +98,17 @@ def fit_offset_power_law(x, y, *, what: str = "points", decreasing: bool = True)
     log_scale, magnitude, offset = res.x
     return OffsetPowerLaw(scale=float(np.exp(log_scale)), exponent=float(sign * magnitude),
                           offset=float(offset), x_ref=x_ref, converged=bool(res.status > 0))
+
+
+def _fit_scale_and_offset(u, y, exponent, start, x_ref, ceiling) -> OffsetPowerLaw:
+    offset0, scale0, _ = start
+    z = np.exp(exponent * u)
+
+    def residual(p):
+        return np.log(p[1] + np.exp(p[0]) * z) - np.log(y)
+
+    lower, upper = [np.log(scale0) - 30, 0.0], [np.log(scale0) + 30, ceiling * (1 - 1e-9)]
+    res = least_squares(residual, np.clip([np.log(scale0), offset0], lower, upper), bounds=(lower, upper),
+                        method="trf", x_scale="jac", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=5000)
+    return OffsetPowerLaw(scale=float(np.exp(res.x[0])), exponent=float(exponent), offset=float(res.x[1]),
+                          x_ref=x_ref, converged=bool(res.status > 0))

@@ -17,7 +17,7 @@ from keel.scaling.chinchilla import (HOFFMANN_ROUNDED, HOFFMANN_TEX, ChinchillaF
                                      huber_lse_objective)
 from keel.scaling.curve import CurveFit, LossCurve, fit_curve, schedule_areas
 from keel.scaling.fit import fit_points
-from keel.scaling.frontier import compute_frontier, fit_frontier
+from keel.scaling.frontier import PUBLISHED_EXPONENTS, compute_frontier, fit_frontier
 from keel.scaling.isoflop import IsoFLOPFit, fit_isoflop
 from keel.scaling.points import Point
 from keel.scaling.power_law import OffsetPowerLaw
@@ -320,8 +320,9 @@ def test_a_fit_says_when_an_exponent_sits_on_its_bound_or_the_ladder_has_fewer_t
     assert any(note.startswith("approach 3's alpha = 3 sits on its bound") for note in notes)
     assert not any("beta" in note for note in notes)
     notes = fit_points(ladder_points(budgets=BUDGETS[:4]), replicates=10).notes
-    assert notes == ["4 budgets: fewer than 5 hold the frontier law's offset loosely (a real ladder has >= 5 over "
-                     ">= 2 decades)"]
+    assert notes[0] == ("4 budgets: fewer than 5 hold the frontier law's offset loosely (a real ladder has >= 5 "
+                        "over >= 2 decades)")
+    assert notes[1:] == [n for n in notes if n.startswith("the budgets do not determine the frontier law's exponent")]
 
 
 def test_the_frontier_leaves_out_a_budget_whose_sizes_all_lie_above_its_optimum():
@@ -336,6 +337,34 @@ def test_the_frontier_leaves_out_a_budget_whose_sizes_all_lie_above_its_optimum(
     truth = float(LAW.loss_at_compute(FAR))
     through_all = float(fit_frontier(6 * n * d, loss).predict(FAR))
     assert abs(float(fit.frontier.predict(FAR)) / truth - 1) < abs(through_all / truth - 1) / 2
+
+
+def test_a_frontier_whose_budgets_do_not_determine_its_exponent_takes_it_from_published_fits():
+    # Four budgets over one decade, 1% noise: a steep law with a high floor and a shallow one with a low floor
+    # pass through them alike, and part a decade on. LAW's exponent (Besiroglu et al.) is a published one.
+    budgets = np.logspace(18, 19, 4)
+    target = 10 * budgets[-1]
+    truth = float(LAW.loss_at_compute(target))
+    pinned, free = [], []
+    for seed in range(10):
+        n, d, j = ladder(budgets=budgets)
+        loss = noisy_losses(n, d, seed=seed, sigma=0.01)
+        fit = fit_points(as_points(n, d, loss, budgets[j]), replicates=20)
+        assert any(note.startswith("the budgets do not determine the frontier law's exponent") for note in fit.notes)
+        assert PUBLISHED_EXPONENTS[0] <= fit.frontier.exponent <= PUBLISHED_EXPONENTS[1]
+        assert all(PUBLISHED_EXPONENTS[0] <= b <= PUBLISHED_EXPONENTS[1] for _, b, _ in fit.frontier_replicates)
+        pinned.append(abs(float(fit.frontier.predict(target)) / truth - 1))
+        free.append(abs(float(fit_frontier(6 * n * d, loss).predict(target)) / truth - 1))
+    assert np.median(pinned) < np.median(free) / 2
+
+
+def test_a_frontier_whose_budgets_determine_its_exponent_keeps_its_own():
+    # Five budgets over two decades of a law far steeper than any published fit: the ladder measures it.
+    steep = ChinchillaFit(E=1.82, A=6.3e4, B=3.8e5, alpha=0.6, beta=0.6)
+    fit = fit_points(ladder_points(law=steep), replicates=20)
+    assert not any("frontier law's exponent" in note for note in fit.notes)
+    assert fit.frontier.exponent == pytest.approx(-0.3, abs=0.03)
+    assert float(fit.frontier.predict(FAR)) == pytest.approx(float(steep.loss_at_compute(FAR)), rel=0.02)
 
 
 def test_a_small_ladder_of_three_sizes_repeated_at_three_budgets_gets_its_intervals():
