@@ -105,7 +105,9 @@ def cmd_predict(args) -> None:
     if "approach2" in opt:
         print(f"approach 2: N* {opt['approach2']['params']:.4g}, D* {opt['approach2']['tokens']:.4g}")
     if "frontier" in opt:
-        print(f"frontier law: loss {opt['frontier']['loss']:.4f}")
+        f = opt["frontier"]
+        print(f"frontier law: loss {f['loss']:.4f}, 80% interval [{f['lo']:.4f}, {f['hi']:.4f}]"
+              + (" (its exponent from published fits)" if fit.frontier_exponent_published else ""))
     if line := agreement_at(fit, args.flops):
         print(line)
     if fit.tasks:

@@ -56,6 +56,7 @@ class ScalingFit:
     curve_batch_tokens: float | None = None  # the batch the curve fits' learning rates are weighted to
     shared_curve: SharedCurveFit | None = None  # the curve law's dynamics over every size: forecasts use it
     frontier_replicates: list[list[float]] = field(default_factory=list)  # (a, b, c) of a C^b + c, refitted
+    frontier_exponent_published: bool = False  # b taken from published fits: the ladder did not determine it
     tasks: dict | None = None                 # capability laws (scaling/tasks_fit.py), when runs scored tasks
     notes: list[str] = field(default_factory=list)
 
@@ -101,8 +102,9 @@ class ScalingFit:
         if self.approach2 is not None:
             n2, d2 = (float(x) for x in self.approach2.compute_optimal(flops))
             out["approach2"] = {"params": n2, "tokens": d2}
-        if self.frontier is not None:
-            out["frontier"] = {"loss": float(self.frontier.predict(flops))}
+        fr = self.frontier_loss(flops)
+        if fr is not None:
+            out["frontier"] = {"loss": fr[0], "lo": fr[1].p10, "hi": fr[1].p90}
         return out
 
     def curve_for(self, n_params: float) -> CurveFit | None:
@@ -130,6 +132,7 @@ class ScalingFit:
                 "approach2": self.approach2.to_dict() if self.approach2 else None,
                 "frontier": self.frontier.to_dict() if self.frontier else None,
                 "frontier_replicates": self.frontier_replicates,
+                "frontier_exponent_published": self.frontier_exponent_published,
                 "curves": {k: v.to_dict() for k, v in self.curves.items()},
                 "curve_batch_tokens": self.curve_batch_tokens,
                 "shared_curve": self.shared_curve.to_dict() if self.shared_curve else None,
@@ -147,6 +150,7 @@ class ScalingFit:
                        approach2=IsoFLOPFit.from_dict(d["approach2"]) if d.get("approach2") else None,
                        frontier=OffsetPowerLaw.from_dict(d["frontier"]) if d.get("frontier") else None,
                        frontier_replicates=d.get("frontier_replicates", []),
+                       frontier_exponent_published=d.get("frontier_exponent_published", False),
                        curves={k: CurveFit.from_dict(v) for k, v in d.get("curves", {}).items()},
                        curve_batch_tokens=d.get("curve_batch_tokens"), tasks=d.get("tasks"),
                        shared_curve=SharedCurveFit.from_dict(d["shared_curve"]) if d.get("shared_curve") else None,
@@ -200,7 +204,7 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     except ValueError as e:
         notes.append(f"approach 2 not fitted: {e}")
     on = _frontier_runs(budgets, approach2, notes)
-    frontier, frontier_kept = _frontier_law(c[on], y[on], budgets[on], notes, replicates, seed)
+    frontier, frontier_kept, published = _frontier_law(c[on], y[on], budgets[on], notes, replicates, seed)
     curves, batch = fit_curves(points)
     shared = fit_shared_curves([p.record for p in points if p.record is not None and len(p.record.eval_curve) >= 4])
     # Tiny models rarely pass a sampled completion: the exact pass probability keeps every problem in.
@@ -212,23 +216,25 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
                       approach3=main, replicates=[[f.E, f.A, f.B, f.alpha, f.beta] for f in kept],
                       approach2=approach2, frontier=frontier,
                       frontier_replicates=[[f.coefficient, f.exponent, f.offset] for f in frontier_kept],
+                      frontier_exponent_published=published,
                       curves=curves, curve_batch_tokens=batch, shared_curve=shared, tasks=tasks,
                       notes=notes)
 
 
 def _frontier_law(c: np.ndarray, y: np.ndarray, budgets: np.ndarray, notes: list[str], replicates: int,
-                  seed: int) -> tuple[OffsetPowerLaw | None, list[OffsetPowerLaw]]:
+                  seed: int) -> tuple[OffsetPowerLaw | None, list[OffsetPowerLaw], bool]:
     """GPT-4's law through the frontier, and its bootstrap refits (resampled within budgets, so that every
     replicate still has every budget's frontier point). When the refits' exponents spread over more than
     EXPONENT_SPREAD x, or a tenth of them lose the floor (a loss that falls without limit: no language has
     zero entropy), the budgets have not determined the law: the exponent is then taken from published fits
-    (each refit draws one from their range) and the law fitted again."""
+    (each refit draws one from their range) and the law fitted again; the third value says so."""
     def fitted(exponent=None):
         kept: list[OffsetPowerLaw] = []
         draw = np.random.default_rng(seed)
 
         def refit(idx):
-            f = fit_frontier(c[idx], y[idx], exponent=exponent and draw.uniform(*PUBLISHED_EXPONENTS))
+            drawn = None if exponent is None else draw.uniform(*PUBLISHED_EXPONENTS)
+            f = fit_frontier(c[idx], y[idx], exponent=drawn)
             if f.converged:
                 kept.append(f)
             return f
@@ -242,17 +248,18 @@ def _frontier_law(c: np.ndarray, y: np.ndarray, budgets: np.ndarray, notes: list
         lo, hi = np.percentile([-f.exponent for f in kept], [10, 90])
         floorless = np.mean([f.offset < 1e-3 * y.min() for f in kept]) >= 0.1
         if hi > EXPONENT_SPREAD * lo or floorless:
-            why = (f"its refits put the floor at 0, a pure power law ({-hi:.3g} to {-lo:.3g})" if floorless
-                   else f"bootstrap 10-90%: {-hi:.3g} to {-lo:.3g}")
+            why = (f"a tenth of its refits or more put the floor at 0, with exponents {-hi:.3g} to {-lo:.3g}"
+                   if floorless else f"its refits' exponents run {-hi:.3g} to {-lo:.3g}, 10-90%")
             law, kept = fitted(exponent=-float(np.sqrt(np.prod(PUBLISHED_EXPONENTS))))
             notes.append(f"the budgets do not determine the frontier law's exponent ({why}): it is taken from "
                          f"published Chinchilla fits ({PUBLISHED_EXPONENTS[0]:g} to {PUBLISHED_EXPONENTS[1]:g}) and "
                          f"only the scale and floor are fitted; more budgets over a wider span of compute would "
                          f"measure it")
-        return law, kept
+            return law, kept, True
+        return law, kept, False
     except ValueError as e:
         notes.append(f"frontier law not fitted: {e}")
-        return None, []
+        return None, [], False
 
 
 def _frontier_runs(budgets: np.ndarray, approach2: IsoFLOPFit | None, notes: list[str]) -> np.ndarray:
@@ -297,10 +304,9 @@ def fit_curves(points: list[Point]) -> tuple[dict[str, CurveFit], float | None]:
 
 def agreement_at(fit: ScalingFit, flops: float) -> str | None:
     """Whether Approach 3 and the frontier law agree on the loss at `flops`."""
-    if fit.frontier is None:
+    fr = fit.frontier_loss(flops)
+    if fr is None:
         return None
     n3, d3 = fit.approach3.compute_optimal(flops)
     _, a3 = fit.loss(float(n3), float(d3))
-    f = float(fit.frontier.predict(flops))
-    return compare_predictions(f"loss at {flops:.3g} FLOPs",
-                               {"approach 3": a3, "frontier law": Interval(f, f, f)}).message
+    return compare_predictions(f"loss at {flops:.3g} FLOPs", {"approach 3": a3, "frontier law": fr[1]}).message

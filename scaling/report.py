@@ -67,7 +67,8 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
     top = max(target_flops or 0, c.max() * 20)
     grid = np.geomspace(c.min() / 2, top, 100)
     if fit.frontier is not None:
-        ax.plot(grid, fit.frontier.predict(grid), label="frontier law L(C) = aC^b + c")
+        ax.plot(grid, fit.frontier.predict(grid), label=f"frontier law L(C) = aC^b + c, b = {fit.frontier.exponent:.3g}"
+                + (" (published)" if fit.frontier_exponent_published else ""))
     ax.plot(grid, [fit.approach3.loss_at_compute(g) for g in grid], ls="--", label="approach 3 at the optimum (C = 6ND)")
     if check:
         record = read_record(check)

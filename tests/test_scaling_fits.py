@@ -16,7 +16,7 @@ from keel.scaling.capability import (CapabilityFit, TwoStepFit, fit_capability, 
 from keel.scaling.chinchilla import (HOFFMANN_ROUNDED, HOFFMANN_TEX, ChinchillaFit, fit_chinchilla,
                                      huber_lse_objective)
 from keel.scaling.curve import CurveFit, LossCurve, fit_curve, schedule_areas
-from keel.scaling.fit import fit_points
+from keel.scaling.fit import ScalingFit, fit_points
 from keel.scaling.frontier import PUBLISHED_EXPONENTS, compute_frontier, fit_frontier
 from keel.scaling.isoflop import IsoFLOPFit, fit_isoflop
 from keel.scaling.points import Point
@@ -339,7 +339,7 @@ def test_the_frontier_leaves_out_a_budget_whose_sizes_all_lie_above_its_optimum(
     assert abs(float(fit.frontier.predict(FAR)) / truth - 1) < abs(through_all / truth - 1) / 2
 
 
-def test_a_frontier_whose_budgets_do_not_determine_its_exponent_takes_it_from_published_fits():
+def test_a_frontier_whose_budgets_do_not_determine_its_exponent_takes_it_from_published_fits(tmp_path):
     # Four budgets over one decade, 1% noise: a steep law with a high floor and a shallow one with a low floor
     # pass through them alike, and part a decade on. LAW's exponent (Besiroglu et al.) is a published one.
     budgets = np.logspace(18, 19, 4)
@@ -350,19 +350,22 @@ def test_a_frontier_whose_budgets_do_not_determine_its_exponent_takes_it_from_pu
         n, d, j = ladder(budgets=budgets)
         loss = noisy_losses(n, d, seed=seed, sigma=0.01)
         fit = fit_points(as_points(n, d, loss, budgets[j]), replicates=20)
+        assert fit.frontier_exponent_published
         assert any(note.startswith("the budgets do not determine the frontier law's exponent") for note in fit.notes)
         assert PUBLISHED_EXPONENTS[0] <= fit.frontier.exponent <= PUBLISHED_EXPONENTS[1]
         assert all(PUBLISHED_EXPONENTS[0] <= b <= PUBLISHED_EXPONENTS[1] for _, b, _ in fit.frontier_replicates)
         pinned.append(abs(float(fit.frontier.predict(target)) / truth - 1))
         free.append(abs(float(fit_frontier(6 * n * d, loss).predict(target)) / truth - 1))
     assert np.median(pinned) < np.median(free) / 2
+    fit.save(tmp_path / "fit.json")
+    assert ScalingFit.load(tmp_path / "fit.json").frontier_exponent_published
 
 
 def test_a_frontier_whose_budgets_determine_its_exponent_keeps_its_own():
     # Five budgets over two decades of a law far steeper than any published fit: the ladder measures it.
     steep = ChinchillaFit(E=1.82, A=6.3e4, B=3.8e5, alpha=0.6, beta=0.6)
     fit = fit_points(ladder_points(law=steep), replicates=20)
-    assert not any("frontier law's exponent" in note for note in fit.notes)
+    assert not fit.frontier_exponent_published and not any("frontier law's exponent" in note for note in fit.notes)
     assert fit.frontier.exponent == pytest.approx(-0.3, abs=0.03)
     assert float(fit.frontier.predict(FAR)) == pytest.approx(float(steep.loss_at_compute(FAR)), rel=0.02)
 

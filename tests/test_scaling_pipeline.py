@@ -72,7 +72,10 @@ def test_fit_predicts_a_held_out_run_ten_times_the_largest_budget_and_the_tools_
     assert loss == pytest.approx(truth(check.params, check.tokens), rel=0.02)
 
     main(["scale", "predict", str(tmp_path / "fit.json"), "--flops", "1e14"])
-    assert "compute-optimal N" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compute-optimal N" in out
+    lo, hi = fit.frontier_loss(1e14)[1].p10, fit.frontier_loss(1e14)[1].p90
+    assert f"frontier law: loss {float(fit.frontier.predict(1e14)):.4f}, 80% interval [{lo:.4f}, {hi:.4f}]" in out
     check_dir = tmp_path / "runs" / check.name
     main(["scale", "check", str(check_dir), str(tmp_path / "fit.json")])
     out = capsys.readouterr().out
