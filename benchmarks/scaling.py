@@ -3,6 +3,8 @@
 
     python benchmarks/scaling.py            # 19-run ladder, five budgets over 2e10..6e11 FLOPs, check run at 6e12
     python benchmarks/scaling.py --quick    # 9 runs over 2e10..2e11, check at 2e12 (a few minutes)
+    python benchmarks/scaling.py --tasks    # every run also scored on next-line completion; the check run's
+                                            # answer NLL and pass rate forecast too (tasks.csv)
 
 Models this small are far from Chinchilla's regime: their output layer and attention are most of their
 FLOPs, and their compute-optimal run sees more tokens per parameter (70-150 per non-embedding parameter at
@@ -32,13 +34,16 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--budgets", default=None, help="the ladder's budgets, LOW:HIGH:COUNT (default 2e10:6e11:5; "
                     "--quick 2e10:2e11:3): another ladder to check the method on")
+    ap.add_argument("--tasks", action="store_true",
+                    help="score every run on the built-in next-line suite (train.tasks=heldout) and forecast the check "
+                         "run's answer NLL and pass rate too (writes tasks.csv)")
     ap.add_argument("--eval-sequences", type=int, default=512,
                     help="held-out sequences every run is scored on (ladders A-E of RESULTS.md used 64)")
     args = ap.parse_args()
 
     from keel.launcher.raylaunch import train_on_ray
     from keel.scaling.fit import fit_points
-    from keel.scaling.forecast import compare, forecast_for, write_forecast
+    from keel.scaling.forecast import compare, forecast_for, task_lines, write_forecast
     from keel.scaling.plan import parse_budgets, plan
     from keel.scaling.points import load_points
     from keel.scaling.report import write_report
@@ -47,8 +52,9 @@ def main() -> None:
 
     budgets, sizes = ("2e10:2e11:3", 3) if args.quick else ("2e10:6e11:5", 5)
     budgets = args.budgets or budgets
-    out = Path(args.out) / ("quick" if args.quick else "full") / budgets.replace(":", "_")
-    base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled"]
+    out = Path(args.out) / ("quick" if args.quick else "full") / (budgets.replace(":", "_") + ("_tasks" if args.tasks else ""))
+    base = ["data.seq_len=64", "model.max_seq_len=64", "logging.wandb.mode=disabled",
+            *(["train.tasks=heldout"] if args.tasks else [])]
     ladder = plan(str(ROOT / "configs" / "tiny.yaml"), base, parse_budgets(budgets), sizes=sizes,
                   output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=100,
                   eval_sequences=args.eval_sequences)
@@ -93,6 +99,8 @@ def main() -> None:
     print(f"check run: observed {r['observed']:.4f}, predicted {r['predicted']:.4f} ({100 * r['error']:+.2f}%), "
           f"{'inside' if r['inside'] else 'OUTSIDE'} the 80% interval; worst eval along the curve "
           f"{100 * result['worst_curve_error']:.2f}% off ({len(result['curve'])} evals)")
+    for line in task_lines(result):
+        print(f"check run's tasks, {line}")
     print(f"wall: ladder {ladder_s:.0f} s, fit {fit_s:.1f} s, check run {check_s:.0f} s, total "
           f"{ladder_s + fit_s + check_s:.0f} s; the check run used {check.flops / sum(x.flops for x in fitted):.1f}x the "
           f"ladder's compute")
@@ -105,7 +113,14 @@ def main() -> None:
         w.writerow([len(fitted), f"{sum(x.flops for x in fitted):.4g}", f"{check.flops:.4g}", f["method"], f"{r['predicted']:.5f}",
                     f"{r['lo']:.5f}", f"{r['hi']:.5f}", f"{r['observed']:.5f}", f"{r['error']:+.5f}", r["inside"],
                     f"{result['worst_curve_error']:.5f}", f"{ladder_s:.0f}", f"{check_s:.0f}"])
-    print(f"wrote {out}/ (ladder.yaml, fit.json, report/, scaling.csv)")
+    if "tasks" in result:
+        with open(out / "tasks.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["quantity", "predicted", "p10", "p90", "observed", "error", "inside", "two_step_law"])
+            for name, t in result["tasks"].items():
+                w.writerow([name, f"{t['predicted']:.5g}", f"{t['lo']:.5g}", f"{t['hi']:.5g}", f"{t['observed']:.5g}",
+                            f"{t['error']:+.5f}", t["inside"], "" if t["law"] is None else f"{t['law']:.5g}"])
+    print(f"wrote {out}/ (ladder.yaml, fit.json, report/, scaling.csv{', tasks.csv' if 'tasks' in result else ''})")
 
 
 if __name__ == "__main__":

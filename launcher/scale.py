@@ -124,7 +124,7 @@ def tasks_line(tasks_fit: dict, flops: float) -> str:
 
 def cmd_check(args) -> None:
     from ..scaling.fit import ScalingFit
-    from ..scaling.forecast import compare, forecast_for
+    from ..scaling.forecast import compare, forecast_for, task_lines
     from ..training.config import load_config
     from ..training.record import read_record
     from pathlib import Path
@@ -139,10 +139,8 @@ def cmd_check(args) -> None:
     print(f"final: predicted {f['predicted']:.4f} [{f['lo']:.4f}, {f['hi']:.4f}], observed {f['observed']:.4f} "
           f"({100 * f['error']:+.2f}%, {'inside' if f['inside'] else 'OUTSIDE'} the 80% interval)"
           + (f"; worst eval {100 * result['worst_curve_error']:.2f}% off" if result["curve"] else ""))
-    fit = ScalingFit.load(args.fit)
-    if fit.tasks and record.tasks:
-        print(f"predicted {tasks_line(fit.tasks, record.flops)}; observed answer NLL {record.tasks['answer_nll']:.4g}, "
-              f"pass rate {record.tasks['pass_rate']:.4g}")
+    for line in task_lines(result):
+        print(f"tasks, {line}")
 
 
 def cmd_report(args) -> None:

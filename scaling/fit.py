@@ -31,7 +31,7 @@ from .plan import LadderError
 from .points import Point
 from .power_law import OffsetPowerLaw
 from .shared_curve import SharedCurveFit, fit_shared_curves, fitted_evals, weighted_lrs
-from .tasks_fit import fit_tasks
+from .tasks_fit import fit_tasks, predict_tasks
 
 REPLICATES = 200
 # The exponents of L = E + A/N^alpha + B/D^beta that published fits report lie inside this band: Kaplan et
@@ -63,9 +63,15 @@ class ScalingFit:
     # ---- predictions -------------------------------------------------------------------------------
     def loss(self, n_params: float, n_tokens: float) -> tuple[float, Interval]:
         """Approach 3's loss at (N, D) and its 10/50/90% bootstrap interval."""
+        return float(self.approach3.predict(n_params, n_tokens)), _interval(self._approach3_values(n_params, n_tokens))
+
+    def _approach3_values(self, n_params: float, n_tokens: float) -> np.ndarray:
         r = np.array(self.replicates)
-        values = r[:, 0] + r[:, 1] / n_params ** r[:, 3] + r[:, 2] / n_tokens ** r[:, 4]
-        return float(self.approach3.predict(n_params, n_tokens)), _interval(values)
+        return r[:, 0] + r[:, 1] / n_params ** r[:, 3] + r[:, 2] / n_tokens ** r[:, 4]
+
+    def _frontier_values(self, flops: float) -> np.ndarray:
+        r = np.array(self.frontier_replicates)
+        return r[:, 2] + r[:, 0] * flops ** r[:, 1]
 
     def approach3_identified(self) -> bool:
         """False when an exponent sits at its bound or outside the band every published language-model fit
@@ -77,9 +83,7 @@ class ScalingFit:
     def frontier_loss(self, flops: float) -> tuple[float, Interval] | None:
         if self.frontier is None or not self.frontier_replicates:
             return None
-        r = np.array(self.frontier_replicates)
-        values = r[:, 2] + r[:, 0] * flops ** r[:, 1]
-        return float(self.frontier.predict(flops)), _interval(values)
+        return float(self.frontier.predict(flops)), _interval(self._frontier_values(flops))
 
     def final(self, n_params: float, n_tokens: float, flops: float) -> dict:
         """The forecast of a run's final loss: Approach 3 at its N and D when the fit identified the law,
@@ -93,6 +97,25 @@ class ScalingFit:
         method = "approach3" if self.approach3_identified() or fr is None else "frontier"
         out["method"] = method
         out.update(out[method])
+        return out
+
+    def tasks_at(self, n_params: float, n_tokens: float, flops: float) -> dict | None:
+        """The task suite's mean answer NLL and pass rate for a run: its final-loss forecast (final()) carried
+        over the ladder's loss-to-answer-NLL line and step 2's sigmoid (scaling/tasks_fit.py), with the
+        10/50/90% interval of the forecast's bootstrap replicates carried the same way; beside them, Llama
+        3's two steps straight from compute ("law"). None when the runs scored no tasks."""
+        if not self.tasks or self.tasks.get("nll_from_loss") is None:
+            return None
+        final = self.final(n_params, n_tokens, flops)
+        values = (self._frontier_values(flops) if final["method"] == "frontier"
+                  else self._approach3_values(n_params, n_tokens))
+        at, spread = predict_tasks(self.tasks, flops, loss=final["loss"]), predict_tasks(self.tasks, flops, loss=values)
+        out = {"pass_rate_key": self.tasks["pass_rate_key"], "law": {"answer_nll": at["answer_nll"],
+                                                                    "pass_rate": at["pass_rate"]}}
+        for name in ("answer_nll", "pass_rate"):
+            if at[f"{name}_from_loss"] is not None:
+                lo, hi = np.percentile(spread[f"{name}_from_loss"], [10, 90])
+                out[name] = {"value": at[f"{name}_from_loss"], "lo": float(lo), "hi": float(hi)}
         return out
 
     def optimum(self, flops: float) -> dict:

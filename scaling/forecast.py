@@ -38,7 +38,7 @@ def forecast_for(fit: ScalingFit, cfg: Config, source: str = "fit.json") -> dict
     points = ([{"step": s, "loss": v, "lo": v * below, "hi": v * above} for s, v in zip(at, curve)]
               if curve is not None else [{"step": steps, **final}])
     return {"source": source, "params": n, "tokens": d, "flops": flops, "final": final,
-            "curve_law": curve is not None, "curve": points}
+            "curve_law": curve is not None, "curve": points, "tasks": fit.tasks_at(n, d, flops)}
 
 
 def write_forecast(forecast: dict, path: str | Path) -> Path:
@@ -54,6 +54,24 @@ def compare(forecast: dict, record: RunRecord) -> dict:
     rows = [{"step": p["step"], "predicted": p["loss"], "lo": p["lo"], "hi": p["hi"], "observed": observed[p["step"]],
              "error": observed[p["step"]] / p["loss"] - 1} for p in forecast["curve"] if p["step"] in observed]
     f = forecast["final"]
-    return {"final": {"predicted": f["loss"], "lo": f["lo"], "hi": f["hi"], "observed": record.final_loss,
-                      "error": record.final_loss / f["loss"] - 1, "inside": f["lo"] <= record.final_loss <= f["hi"]},
-            "curve": rows, "worst_curve_error": max((abs(r["error"]) for r in rows), default=float("nan"))}
+    out = {"final": {"predicted": f["loss"], "lo": f["lo"], "hi": f["hi"], "observed": record.final_loss,
+                     "error": record.final_loss / f["loss"] - 1, "inside": f["lo"] <= record.final_loss <= f["hi"]},
+           "curve": rows, "worst_curve_error": max((abs(r["error"]) for r in rows), default=float("nan"))}
+    t = forecast.get("tasks")
+    if t and record.tasks:
+        observed = {"answer_nll": record.tasks["answer_nll"], "pass_rate": record.tasks[t["pass_rate_key"]]}
+        out["tasks"] = {name: {"predicted": t[name]["value"], "lo": t[name]["lo"], "hi": t[name]["hi"],
+                               "observed": observed[name], "error": observed[name] / t[name]["value"] - 1,
+                               "inside": t[name]["lo"] <= observed[name] <= t[name]["hi"],
+                               "law": t["law"][name]} for name in ("answer_nll", "pass_rate") if name in t}
+    return out
+
+
+def task_lines(result: dict) -> list[str]:
+    """compare()'s task rows as text: the bridged forecast with its interval, the observed value, and Llama
+    3's two-step law straight from compute beside them."""
+    names = {"answer_nll": "answer NLL", "pass_rate": "pass rate"}
+    return [f"{names[k]}: predicted {t['predicted']:.4g} [{t['lo']:.4g}, {t['hi']:.4g}], observed {t['observed']:.4g} "
+            f"({100 * t['error']:+.2f}%, {'inside' if t['inside'] else 'OUTSIDE'} the 80% interval)"
+            + (f"; two-step law from compute {t['law']:.4g}" if t["law"] is not None else "")
+            for k, t in result.get("tasks", {}).items()]

@@ -2,7 +2,15 @@
 
 Two laws over the runs' training FLOPs (scaling/capability.py has the fitters and the papers):
 - GPT-4's: -E_P[log pass_rate(C)] = alpha C^(-k), over the problems every run passes at least sometimes;
-- Llama 3's two steps: C -> mean answer NLL (power law with offset) -> mean pass rate (sigmoid).
+- Llama 3's two steps: C -> mean answer NLL (power law with offset) -> mean pass rate (sigmoid). Step 1 is
+  fitted, as Llama 3 does, on compute-optimal models: at each budget the run with the lowest eval loss (an
+  IsoFLOP ladder's other sizes lie above that frontier at the same compute). Step 2 takes every run.
+
+And a bridge from the loss: the answer NLL is a line in the run's final eval loss over every run, so that a
+run's loss forecast (its law and its interval, scaling/fit.py) carries over to the task: the answer NLL and,
+through step 2, the pass rate at a forecast loss. The answer tokens are held-out text the eval loss also
+averages over; where a ladder spans too little compute to pin a power law with offset down, this route
+borrows the loss forecast's better-determined law.
 
 `fit_tasks` raises (ValueError, one line) only when the records cannot be fitted together: scored on
 different suites or at different temperatures. When the records are consistent but a law cannot be fitted
@@ -16,11 +24,12 @@ from typing import Literal
 import numpy as np
 
 from ..training.record import RunRecord
+from .budgets import group_by_budget
 from .capability import CapabilityFit, TwoStepFit, fit_capability, fit_two_step, solved_problems
 
 
 def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sampled") -> dict | None:
-    """Fit both laws to the records that carry tasks. `rates`: the per-problem pass rates GPT-4's law is
+    """Fit both laws and the bridge to the records that carry tasks. `rates`: the pass rates the laws are
     fitted to, "sampled" (the fraction of samples that passed, as GPT-4 did) or "exact" (the probability
     that a sample passes, never 0, so every problem counts; training/tasks.py computes both)."""
     scored = [r for r in records if r.tasks]
@@ -38,30 +47,49 @@ def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sa
     compute = np.array([r.flops for r in scored], float)
     per_problem = np.array([r.tasks["per_problem"][key] for r in scored], float)
     nll = np.array([r.tasks["answer_nll"] for r in scored], float)
-    pass_rate = np.array([r.tasks["pass_rate"] for r in scored], float)
+    pass_rate = np.array([r.tasks[key] for r in scored], float)
+    loss = np.array([r.final_loss for r in scored], float)
     out = {"suite": suites[0], "runs": len(scored), "problems": per_problem.shape[1], "rates": rates,
-           "temperature": temperatures[0], "capability": None, "two_step": None, "skipped": {}}
+           "pass_rate_key": key, "temperature": temperatures[0], "capability": None, "two_step": None,
+           "nll_from_loss": None, "skipped": {}}
     try:
         out["solved_problems"] = int(solved_problems(per_problem).sum())
         out["capability"] = fit_capability(compute, per_problem).to_dict()
     except ValueError as e:  # the fitters' one-line reasons: too few runs, nothing solved by all, saturated
         out["skipped"]["capability"] = str(e)
+    best = np.array([g[np.argmin(loss[g])] for g in group_by_budget(compute)])
+    rest = np.setdiff1d(np.arange(len(scored)), best)
     try:
-        out["two_step"] = fit_two_step(compute, nll, pass_rate).to_dict()
+        out["two_step"] = fit_two_step(compute[best], nll[best], pass_rate[best], extra_nll=nll[rest],
+                                       extra_accuracy=pass_rate[rest]).to_dict()
     except ValueError as e:
         out["skipped"]["two_step"] = str(e)
+    if len(np.unique(loss)) >= 3:
+        slope, intercept = np.polyfit(loss, nll, 1)
+        out["nll_from_loss"] = {"slope": float(slope), "intercept": float(intercept),
+                                "rms": float(np.sqrt(np.mean((intercept + slope * loss - nll) ** 2)))}
+    else:
+        out["skipped"]["nll_from_loss"] = f"{len(np.unique(loss))} distinct final losses: the line needs 3 or more"
     return out
 
 
-def predict_tasks(fit: dict, flops) -> dict:
+def predict_tasks(fit: dict, flops, loss=None) -> dict:
     """At `flops` (a number or an array): `answer_nll` and `pass_rate` (the mean over the whole suite) from
     Llama 3's two steps, `solved_pass_rate` (the geometric-mean pass rate over the problems GPT-4's law was
-    fitted on) from GPT-4's; None for a law that was not fitted."""
-    out: dict = {"answer_nll": None, "pass_rate": None, "solved_pass_rate": None}
+    fitted on) from GPT-4's; with the run's (forecast) final `loss` also `answer_nll_from_loss` and
+    `pass_rate_from_loss` through the bridge; None for a law that was not fitted."""
+    out: dict = {"answer_nll": None, "pass_rate": None, "solved_pass_rate": None, "answer_nll_from_loss": None,
+                 "pass_rate_from_loss": None}
     if fit.get("two_step") is not None:
         law = TwoStepFit.from_dict(fit["two_step"])
         out["answer_nll"] = _plain(law.nll.predict(flops))
         out["pass_rate"] = _plain(law.predict(flops))
+    if loss is not None and fit.get("nll_from_loss") is not None:
+        line = fit["nll_from_loss"]
+        bridged = line["intercept"] + line["slope"] * np.asarray(loss, float)
+        out["answer_nll_from_loss"] = _plain(bridged)
+        if fit.get("two_step") is not None:
+            out["pass_rate_from_loss"] = _plain(TwoStepFit.from_dict(fit["two_step"]).accuracy.predict(bridged))
     if fit.get("capability") is not None:
         out["solved_pass_rate"] = _plain(CapabilityFit.from_dict(fit["capability"]).predict_pass_rate(flops))
     return out

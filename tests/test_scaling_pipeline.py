@@ -13,6 +13,7 @@ import pytest
 
 from keel.launcher.cli import main
 from keel.scaling.fit import ScalingFit
+from keel.scaling.forecast import forecast_for
 from keel.scaling.plan import Ladder, parse_budgets, plan
 from keel.training.config import dump_config
 from keel.training.record import build_record, write_record
@@ -25,7 +26,16 @@ def truth(n, tokens):
     return E + A / n ** ALPHA + B / tokens ** BETA
 
 
-def fake_run(ladder: Ladder, rung, data_dir, noise=0.0, rng=None):
+def fake_tasks(loss: float) -> dict:
+    """A task suite's scores for a run of this final loss: the answer NLL a line in the loss, the pass
+    probability a sigmoid in the answer NLL (the bridge and Llama 3's second step, exactly)."""
+    nll = 0.2 + 1.1 * loss
+    rate = 1 / (1 + np.exp(4.0 * (nll - 2.0)))
+    return {"suite": "s", "temperature": 1.0, "answer_nll": nll, "pass_rate": rate, "pass_prob": rate,
+            "per_problem": {"pass_rate": [rate] * 3, "pass_prob": [rate] * 3}}
+
+
+def fake_run(ladder: Ladder, rung, data_dir, noise=0.0, rng=None, tasks=False):
     cfg = ladder.config(rung)
     run_dir = Path(ladder.output_dir) / rung.name
     run_dir.mkdir(parents=True)
@@ -40,7 +50,10 @@ def fake_run(ladder: Ladder, rung, data_dir, noise=0.0, rng=None):
             loss *= float(np.exp(rng.normal(0, noise)))
         lines.append(json.dumps({"kind": "eval", "step": s, "val_loss": loss}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    write_record(build_record(cfg, run_dir, data_dir), run_dir)
+    record = build_record(cfg, run_dir, data_dir)
+    if tasks:
+        record.tasks = fake_tasks(record.final_loss)
+    write_record(record, run_dir)
     return run_dir
 
 
@@ -87,6 +100,35 @@ def test_fit_predicts_a_held_out_run_ten_times_the_largest_budget_and_the_tools_
     assert {"runs.csv", "isoflop.png", "frontier.png", "residuals.png", "curves.png", "check.csv"} <= written
     rows = (tmp_path / "report" / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + len(fitted)
+
+
+def test_a_ladder_scored_on_tasks_forecasts_the_check_runs_answer_nll_and_pass_rate_with_intervals(
+        tmp_path, data_dir, capsys):
+    ladder = plan(None, BASE + [f"data.path={data_dir}"], parse_budgets("1e11:1e12:4"), sizes=5,
+                  output_dir=str(tmp_path / "runs"), target_flops=1e14)
+    ladder.save(tmp_path / "ladder.yaml")
+    rng = np.random.default_rng(0)
+    fitted = [r for r in ladder.rungs if r.role == "ladder"]
+    for rung in fitted:
+        fake_run(ladder, rung, data_dir, noise=0.003, rng=rng, tasks=True)
+    main(["scale", "fit", str(tmp_path / "ladder.yaml"), "-o", str(tmp_path / "fit.json"), "--replicates", "60"])
+    fit = ScalingFit.load(tmp_path / "fit.json")
+    assert fit.tasks["nll_from_loss"]["slope"] == pytest.approx(1.1, rel=0.01)
+
+    # Before the check run: its answer NLL and pass rate from its loss forecast, each with an interval.
+    check = next(r for r in ladder.rungs if r.role == "check")
+    forecast = forecast_for(fit, ladder.config(check))
+    nll, rate = forecast["tasks"]["answer_nll"], forecast["tasks"]["pass_rate"]
+    assert nll["value"] == pytest.approx(0.2 + 1.1 * forecast["final"]["loss"], rel=1e-3)
+    assert nll["lo"] < nll["value"] < nll["hi"] and rate["lo"] < rate["value"] < rate["hi"]
+    true_nll = fake_tasks(truth(check.params, check.tokens))["answer_nll"]
+    assert nll["value"] == pytest.approx(true_nll, rel=0.02)
+
+    check_dir = fake_run(ladder, check, data_dir, tasks=True)
+    main(["scale", "check", str(check_dir), str(tmp_path / "fit.json")])
+    out = capsys.readouterr().out
+    assert f"tasks, answer NLL: predicted {nll['value']:.4g} [{nll['lo']:.4g}, {nll['hi']:.4g}], observed" in out
+    assert "tasks, pass rate: predicted" in out and "two-step law from compute" in out
 
 
 def test_keel_scale_fit_refits_published_points_from_a_csv(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The capability suite (training/tasks.py) and its forecasts (scaling/tasks_fit.py): next-line completion
 from the held-out split, scored by pass rate and answer likelihood, recorded by every run, fitted by GPT-4's
 and Llama 3's laws."""
+import copy
 import json
 import math
 
@@ -124,9 +125,9 @@ def test_training_lowers_the_answer_nll_from_chance_and_the_run_records_the_task
     assert tasks["answer_nll"] == pytest.approx(np.mean(tasks["per_problem"]["answer_nll"]), rel=1e-4)
 
 
-def record(flops: float, tasks: dict) -> RunRecord:
+def record(flops: float, tasks: dict, loss: float = 1.0) -> RunRecord:
     return RunRecord(name=f"r{flops:g}", params=1, non_embedding_params=1, tokens=1, flops=flops, flops_6nd=flops,
-                     final_loss=1.0, eval_curve=[], lrs=[], schedule={}, final_lr_ratio=0.1,
+                     final_loss=loss, eval_curve=[], lrs=[], schedule={}, final_lr_ratio=0.1,
                      eval_at_end_of_decay=True, seed=0, batch_tokens=1, seq_len=1, tokenizer="byte", vocab_size=256,
                      data_fingerprint="d", eval_set="e", model={}, tasks=tasks)
 
@@ -141,7 +142,8 @@ def ladder(alpha=3e4, k=0.3, nll_scale=2.0, nll_exp=-0.25, nll_floor=0.8, slope=
         nll = nll_floor + nll_scale * (c / 1e16) ** nll_exp
         runs.append(record(c, {"suite": suite, "temperature": 1.0, "answer_nll": nll,
                                "pass_rate": 1 / (1 + math.exp(slope * (nll - midpoint))),
-                               "per_problem": {"pass_rate": rates, "pass_prob": rates}}))
+                               "per_problem": {"pass_rate": rates, "pass_prob": rates}},
+                           loss=0.5 + 0.4 * nll))  # the eval loss, a line in the answer NLL
     return runs
 
 
@@ -158,6 +160,27 @@ def test_fit_tasks_recovers_gpt4s_pass_rate_law_and_llama3s_two_steps():
     assert at["answer_nll"] == pytest.approx(nll, rel=1e-3)
     assert at["pass_rate"] == pytest.approx(1 / (1 + math.exp(3 * (nll - 1.5))), rel=1e-3)
     assert at["solved_pass_rate"] == pytest.approx(math.exp(-3e4 * 1e18 ** -0.3), rel=1e-6)
+    # The bridge: at the run's forecast eval loss, the answer NLL on the ladder's line, and its pass rate.
+    bridged = predict_tasks(fit, 1e18, loss=0.5 + 0.4 * nll)
+    assert bridged["answer_nll_from_loss"] == pytest.approx(nll, rel=1e-9)
+    assert bridged["pass_rate_from_loss"] == pytest.approx(at["pass_rate"], rel=1e-3)
+    assert at["answer_nll_from_loss"] is None  # no loss given, nothing to bridge from
+
+
+def test_llama3s_first_step_is_fitted_on_the_compute_optimal_run_of_each_budget():
+    # An IsoFLOP ladder: at each budget the optimum (the truth's NLL) and two sizes off it, whose eval loss
+    # and answer NLL are higher. Through every run, step 1 would fit the budgets' averages, not the frontier.
+    runs = []
+    for r in ladder():
+        runs.append(r)
+        for k, penalty in enumerate((0.3, 0.6)):
+            worse = copy.deepcopy(r.tasks)
+            worse["answer_nll"] += penalty
+            worse["pass_rate"] = 1 / (1 + math.exp(3.0 * (worse["answer_nll"] - 1.5)))
+            runs.append(record(r.flops * (1 + 0.01 * (k + 1)), worse, loss=r.final_loss + 0.4 * penalty))
+    fit = fit_tasks(runs)
+    assert fit["two_step"]["nll"]["exponent"] == pytest.approx(-0.25, rel=1e-3)
+    assert fit["two_step"]["nll"]["offset"] == pytest.approx(0.8, rel=1e-3)
 
 
 def test_fit_tasks_refuses_mixed_suites_and_says_why_a_law_could_not_be_fitted():
