@@ -8,9 +8,10 @@ Two laws over the runs' training FLOPs (scaling/capability.py has the fitters an
 
 And a bridge from the loss: the answer NLL is a line in the run's final eval loss over every run, so that a
 run's loss forecast (its law and its interval, scaling/fit.py) carries over to the task: the answer NLL and,
-through step 2, the pass rate at a forecast loss. The answer tokens are held-out text the eval loss also
-averages over; where a ladder spans too little compute to pin a power law with offset down, this route
-borrows the loss forecast's better-determined law.
+through step 2, the pass rate at a forecast loss, each with the loss forecast's interval carried over (the
+law from compute has none). The answer tokens are held-out text the eval loss also averages over. The line
+is an assumption: on this machine's first ladder scored on tasks, the check run's answers improved less
+than its loss, and the bridge missed by more than the law from compute (benchmarks/RESULTS.md, ladder J).
 
 `fit_tasks` raises (ValueError, one line) only when the records cannot be fitted together: scored on
 different suites or at different temperatures. When the records are consistent but a law cannot be fitted
