@@ -84,7 +84,7 @@ def cmd_predict(args) -> None:
         final = f["final"]
         print(f"N {f['params']:.4g} (non-embedding), D {f['tokens']:.4g} tokens, {f['flops']:.4g} FLOPs: loss "
               f"{final['loss']:.4f}, 80% interval [{final['lo']:.4f}, {final['hi']:.4f}] ({final['method']})"
-              + ("; the whole curve from the loss-curve law" if f["curve_law"] else
+              + (f"; the whole curve from the {f['curve_from']}" if f["curve_law"] else
                  "; no curve (the ladder did not run this model size)"))
         for method in ("approach3", "frontier"):
             if method in final and method != final["method"]:

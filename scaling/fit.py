@@ -6,7 +6,9 @@
 - GPT-4's frontier law (scaling/frontier.py), L(C) over exact FLOPs, where there are >= 4 budgets.
 - The loss-curve law (scaling/curve.py) per model size, from the eval curves of that size's runs, and
   across all sizes with shared dynamics (scaling/shared_curve.py): a planned run gets a predicted loss at
-  every eval, for its own schedule, ending at the scaling law's final forecast.
+  every eval, for its own schedule, ending at the scaling law's final forecast. A run whose schedule has
+  the ladder's shape takes its curve from the ladder's runs of similar tokens per parameter instead
+  (scaling/curve_shapes.py), which forecast this machine's check runs better.
 - The capability laws (scaling/tasks_fit.py), where the runs scored a task suite (train.tasks).
 
 Runs of one size but different batch sizes meet in the curve law through token-weighted learning rates:
@@ -25,6 +27,7 @@ from .agreement import compare_predictions
 from .bootstrap import Interval, bootstrap
 from .chinchilla import ChinchillaFit, fit_chinchilla
 from .curve import CurveFit, LossCurve, fit_curve
+from .curve_shapes import CurveShapes, fit_curve_shapes
 from .frontier import PUBLISHED_EXPONENTS, fit_frontier
 from .isoflop import IsoFLOPFit, fit_isoflop
 from .plan import LadderError
@@ -58,6 +61,7 @@ class ScalingFit:
     frontier_replicates: list[list[float]] = field(default_factory=list)  # (a, b, c) of a C^b + c, refitted
     frontier_exponent_published: bool = False  # b taken from published fits: the ladder did not determine it
     tasks: dict | None = None                 # capability laws (scaling/tasks_fit.py), when runs scored tasks
+    curve_shapes: CurveShapes | None = None   # the ladder's curves by tokens per parameter: forecasts try it first
     notes: list[str] = field(default_factory=list)
 
     # ---- predictions -------------------------------------------------------------------------------
@@ -134,20 +138,29 @@ class ScalingFit:
         return self.curves.get(str(int(n_params)))
 
     def predict_curve(self, n_params: float, lrs: list[float], batch_tokens: float, steps: list[int],
-                      final: float | None = None):
-        """The loss after each of `steps`: the shared curve law's dynamics for this schedule, ending at
-        `final` (the scaling law's forecast) when given, else on the ladder's own L0 for this size; the
-        per-size law when there is no shared fit. None when there is nothing to predict it with."""
+                      final: float | None = None) -> tuple[list[float] | None, str | None]:
+        """The loss after each of `steps`, and what gave it:
+        - "ladder runs": ending at `final` (the scaling law's forecast), the shape of the ladder's runs with
+          similar tokens per parameter, when the run's schedule has the ladder's shape and the ladder covers
+          its tokens per parameter (scaling/curve_shapes.py);
+        - "curve law": else the shared curve law's dynamics for this schedule, ending at `final` when given,
+          or on the ladder's own L0 for this size;
+        - "per-size curve law": the per-size law when there is no shared fit.
+        (None, None) when there is nothing to predict it with."""
         if not steps:
-            return None
+            return None, None
+        if final is not None and self.curve_shapes is not None:
+            curve = self.curve_shapes.predict(lrs, len(lrs) * batch_tokens, n_params, steps, final)
+            if curve is not None:
+                return curve, "ladder runs"
         if self.shared_curve is not None:
             curve = self.shared_curve.predict(lrs, batch_tokens, steps, final=final, n_params=n_params)
-            return None if curve is None else [float(x) for x in curve]
+            return (None, None) if curve is None else ([float(x) for x in curve], "curve law")
         fit = self.curve_for(n_params)
         if fit is None:
-            return None
+            return None, None
         weighted = np.asarray(lrs, float) * batch_tokens / self.curve_batch_tokens
-        return [float(x) for x in fit.predict(weighted, steps)]
+        return [float(x) for x in fit.predict(weighted, steps)], "per-size curve law"
 
     # ---- files ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -159,6 +172,7 @@ class ScalingFit:
                 "curves": {k: v.to_dict() for k, v in self.curves.items()},
                 "curve_batch_tokens": self.curve_batch_tokens,
                 "shared_curve": self.shared_curve.to_dict() if self.shared_curve else None,
+                "curve_shapes": self.curve_shapes.to_dict() if self.curve_shapes else None,
                 "tasks": self.tasks, "notes": self.notes}
 
     def save(self, path: str | Path) -> None:
@@ -177,6 +191,7 @@ class ScalingFit:
                        curves={k: CurveFit.from_dict(v) for k, v in d.get("curves", {}).items()},
                        curve_batch_tokens=d.get("curve_batch_tokens"), tasks=d.get("tasks"),
                        shared_curve=SharedCurveFit.from_dict(d["shared_curve"]) if d.get("shared_curve") else None,
+                       curve_shapes=CurveShapes.from_dict(d["curve_shapes"]) if d.get("curve_shapes") else None,
                        notes=d.get("notes", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LadderError(f"{path} is not a fit written by `keel scale fit` ({e})") from None
@@ -230,6 +245,7 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     frontier, frontier_kept, published = _frontier_law(c[on], y[on], budgets[on], notes, replicates, seed)
     curves, batch = fit_curves(points)
     shared = fit_shared_curves([p.record for p in points if p.record is not None and len(p.record.eval_curve) >= 4])
+    shapes = fit_curve_shapes([p.record for p in points if p.record is not None])
     # Tiny models rarely pass a sampled completion: the exact pass probability keeps every problem in.
     tasks = fit_tasks([p.record for p in points if p.record is not None], rates="exact")
     for law, why in (tasks or {}).get("skipped", {}).items():
@@ -241,7 +257,7 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
                       frontier_replicates=[[f.coefficient, f.exponent, f.offset] for f in frontier_kept],
                       frontier_exponent_published=published,
                       curves=curves, curve_batch_tokens=batch, shared_curve=shared, tasks=tasks,
-                      notes=notes)
+                      curve_shapes=shapes, notes=notes)
 
 
 def _frontier_law(c: np.ndarray, y: np.ndarray, budgets: np.ndarray, notes: list[str], replicates: int,

@@ -97,7 +97,7 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
         for k, r in enumerate(records):
             steps = [e["step"] for e in r.eval_curve if e["step"] > 0]
             ax.plot(steps, [e["loss"] for e in r.eval_curve if e["step"] > 0], "o", ms=3, color=f"C{k % 10}")
-            pred = fit.predict_curve(r.non_embedding_params, r.lrs, r.batch_tokens, steps)
+            pred, _ = fit.predict_curve(r.non_embedding_params, r.lrs, r.batch_tokens, steps)
             if pred is not None:
                 ax.plot(steps, pred, "-", lw=1, color=f"C{k % 10}")
         ax.set(xscale="log", xlabel="step", ylabel="eval loss",

@@ -1,0 +1,99 @@
+"""A run's loss curve read off the ladder's runs with a similar tokens-per-parameter ratio.
+
+The curve law (scaling/shared_curve.py) carried from a ladder of short runs to a run ten times longer got
+the early curve wrong on every ladder of this machine: 4-8% at the first eval, the end of the warmup, and
+3-4% mid-run, while each ladder run's own shape was plain to see (benchmarks/RESULTS.md). What those runs
+show instead: a run's curve relative to its own final loss, L(f)/L(1) at the fraction f of its steps,
+follows its tokens per parameter D/N, nearly whatever its size. A 14k-parameter and a 33k-parameter run at
+~90 tokens per parameter both stood 1.36-1.39x above their final loss at the end of the warmup; the 135k
+check run at 70 stood at 1.36. The 135k runs of the same ladder at 3 and 7 tokens per parameter stood at
+1.50 and 1.57.
+
+That reading suits a forecast: along the compute frontier D/N changes slowly, so the run at 10x the largest
+budget sits at a D/N that the ladder's own runs cover, and its shape is interpolated, not extrapolated. At
+each eval fraction, ln L(f)/L(1) is regressed on ln(D/N) over the ladder's runs, locally (a Gaussian kernel
+of BANDWIDTH in ln D/N, a line), and the curve ends at the scaling law's final forecast.
+
+It applies only to a run whose schedule has the ladder's shape (the same warmup fraction, decay and floor,
+at any peak learning rate and length) and whose D/N and eval fractions the ladder covers; predict() says
+None otherwise, and the curve law takes over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..training.record import RunRecord
+from .serial import field_values, to_plain
+
+BANDWIDTH = 0.7   # in ln(D/N): runs within ~2x of the target's ratio weigh most
+SIGNATURE = 32    # points at which schedules are compared, as fractions of the run
+SCHEDULE_TOLERANCE = 0.015  # in signature(): a warmup of 5% instead of 10% moves it by 0.025, a floor of 0 instead of 0.1 by 0.045
+
+
+def signature(lrs) -> np.ndarray:
+    """The schedule's shape, whatever its peak and length: the area under its learning rate over the peak,
+    per step of the whole run, after each of SIGNATURE even fractions of the run. An area and not the rate
+    itself, so that a 100-step run, whose warmup rises in steps of a tenth of the peak, matches a long one."""
+    lr = np.asarray(lrs, float)
+    area = np.cumsum(lr) / lr.max() / len(lr)
+    return area[np.ceil(np.arange(1, SIGNATURE + 1) / SIGNATURE * len(lr)).astype(int) - 1]
+
+
+@dataclass
+class CurveShapes:
+    ratios: list[float]             # ln(D/N) of each ladder run
+    fractions: list[list[float]]    # its evals, as fractions of its steps (the last is 1)
+    log_losses: list[list[float]]   # ln(L / final L) at those evals
+    schedule: list[float]           # the ladder's schedule shape (signature())
+    bandwidth: float = BANDWIDTH
+
+    def predict(self, lrs, tokens: float, n_params: float, steps, final: float) -> list[float] | None:
+        """The loss after each of `steps` (steps completed) of a run of `n_params` over `tokens` with the
+        schedule `lrs`, ending at `final`; None where the ladder's runs do not cover it."""
+        if np.max(np.abs(signature(lrs) - np.asarray(self.schedule))) > SCHEDULE_TOLERANCE:
+            return None
+        x, xs = np.log(tokens / n_params), np.asarray(self.ratios)
+        if not xs.min() <= x <= xs.max():
+            return None
+        at = np.asarray(steps, float) / len(lrs)
+        if at.min() < max(f[0] for f in self.fractions) - 0.01:  # before the ladder's first evals
+            return None
+        y = np.array([np.interp(at, f, v) for f, v in zip(self.fractions, self.log_losses)])
+        w = np.exp(-0.5 * ((xs - x) / self.bandwidth) ** 2)
+        if w.sum() ** 2 / (w ** 2).sum() < 3:  # fewer than ~3 runs near enough to lean on
+            return None
+        design = np.stack([np.ones_like(xs), xs - x], axis=1)
+        coef = np.linalg.solve(design.T @ (w[:, None] * design), design.T @ (w[:, None] * y))
+        return [float(v) for v in final * np.exp(coef[0])]
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "CurveShapes":
+        return cls(**field_values(cls, data))
+
+
+def fit_curve_shapes(records: list[RunRecord]) -> CurveShapes | None:
+    """The shapes of the runs that share the ladder's schedule shape and evaluated at their last step; None
+    when fewer than 4 do."""
+    usable = []
+    for r in records:
+        evals = [e for e in r.eval_curve if e["step"] > 0 and np.isfinite(e["loss"]) and e["loss"] > 0]
+        if len(evals) >= 4 and evals[-1]["step"] == len(r.lrs) and r.tokens > 0 and r.non_embedding_params > 0:
+            usable.append((r, evals))
+    if len(usable) < 4:
+        return None
+    signatures = np.array([signature(r.lrs) for r, _ in usable])
+    reference = np.median(signatures, axis=0)
+    kept = [(r, evals) for (r, evals), s in zip(usable, signatures)
+            if np.max(np.abs(s - reference)) <= SCHEDULE_TOLERANCE]
+    if len(kept) < 4:
+        return None
+    return CurveShapes(
+        ratios=[float(np.log(r.tokens / r.non_embedding_params)) for r, _ in kept],
+        fractions=[[e["step"] / len(r.lrs) for e in evals] for r, evals in kept],
+        log_losses=[[float(np.log(e["loss"] / evals[-1]["loss"])) for e in evals] for _, evals in kept],
+        schedule=[float(v) for v in reference])
