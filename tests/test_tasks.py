@@ -26,9 +26,9 @@ def val_bytes(corpus_dir) -> bytes:
 
 
 def test_the_heldout_suite_is_deterministic_and_made_of_real_next_lines_of_val_text(corpus_dir):
-    suite = build_suite(corpus_dir)
-    assert suite == build_suite(corpus_dir) and len(suite) == 64
-    assert suite_fingerprint(suite) != suite_fingerprint(build_suite(corpus_dir, seed=1))
+    suite = build_suite(corpus_dir, n_problems=64)
+    assert suite == build_suite(corpus_dir, n_problems=64) and len(suite) == 64
+    assert suite_fingerprint(suite) != suite_fingerprint(build_suite(corpus_dir, n_problems=64, seed=1))
     val = val_bytes(corpus_dir)
     for p in suite:
         prompt, answer = bytes(p.prompt), bytes(p.answer)
@@ -110,18 +110,19 @@ def test_greedy_pass_pass_rate_and_answer_nll_follow_the_models_distribution():
 
 
 def test_training_lowers_the_answer_nll_from_chance_and_the_run_records_the_tasks(tiny_config, corpus_dir):
-    cfg = tiny_config("train.steps=80", "train.tasks=heldout", "train.task_samples=4", "train.name=tasks")
+    cfg = tiny_config("train.steps=80", "train.tasks=heldout", "train.task_samples=4", "train.task_problems=48",
+                      "train.name=tasks")
     untrained = build_model(cfg.model, "cpu")
     untrained.init_weights(cfg.train.seed)
-    suite = build_suite(corpus_dir)
+    suite = build_suite(corpus_dir, n_problems=48)
     chance = evaluate_suite(untrained, suite, "cpu", context=cfg.data.seq_len)
     assert chance["answer_nll"] == pytest.approx(math.log(256), abs=0.1)  # near-uniform over 256 bytes
 
     tasks = read_record(train(cfg).run_dir).tasks
     assert tasks["source"] == "heldout" and tasks["suite"] == suite_fingerprint(suite)
-    assert (tasks["problems"], tasks["samples"], tasks["context"]) == (64, 4, 32)
+    assert (tasks["problems"], tasks["samples"], tasks["context"]) == (48, 4, 32)
     assert tasks["answer_nll"] < chance["answer_nll"] - 1.5
-    assert len(tasks["per_problem"]["pass_rate"]) == len(tasks["per_problem"]["answer_nll"]) == 64
+    assert len(tasks["per_problem"]["pass_rate"]) == len(tasks["per_problem"]["answer_nll"]) == 48
     assert tasks["answer_nll"] == pytest.approx(np.mean(tasks["per_problem"]["answer_nll"]), rel=1e-4)
 
 

@@ -205,7 +205,7 @@ def score_tasks(cfg: Config, engine: Engine, data_dir: Path, device: torch.devic
         return None
     with beats.phase("eval", step), autocast(device, cfg.train.precision):  # the supervisor allows for an eval
         tasks = run_tasks(cfg.train.tasks, data_dir, engine.model, device, samples=cfg.train.task_samples,
-                          context=cfg.data.seq_len)
+                          context=cfg.data.seq_len, n_problems=cfg.train.task_problems)
     log.event("tasks", **{k: v for k, v in tasks.items() if k != "per_problem"})
     log.print(f"tasks ({tasks['source']}, {tasks['problems']} problems): pass rate {tasks['pass_rate']:.3f} "
               f"({tasks['samples']} samples), greedy {tasks['greedy_accuracy']:.3f}, "

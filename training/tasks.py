@@ -69,7 +69,7 @@ def _val_tokens(data_dir: Path, meta: dict) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def build_suite(data_dir: str | Path, n_problems: int = 64, prefix_tokens: int = 128, min_answer_tokens: int = 3,
+def build_suite(data_dir: str | Path, n_problems: int = 512, prefix_tokens: int = 128, min_answer_tokens: int = 3,
                 max_answer_tokens: int = 16, seed: int = 0) -> list[Problem]:
     """`n_problems` next-line problems from the val split, the same for the same corpus and arguments.
 
@@ -138,9 +138,9 @@ def load_suite(path: str | Path, data_dir: str | Path) -> list[Problem]:
     return problems
 
 
-def suite_for(spec: str, data_dir: str | Path) -> list[Problem]:
-    """train.tasks: "heldout" (the built-in suite) or the path of a task file."""
-    return build_suite(data_dir) if spec == HELDOUT else load_suite(spec, data_dir)
+def suite_for(spec: str, data_dir: str | Path, n_problems: int = 512) -> list[Problem]:
+    """train.tasks: "heldout" (the built-in suite of `n_problems`) or the path of a task file."""
+    return build_suite(data_dir, n_problems) if spec == HELDOUT else load_suite(spec, data_dir)
 
 
 def suite_fingerprint(problems: list[Problem]) -> str:
@@ -237,7 +237,7 @@ def evaluate_suite(model: nn.Module, problems: list[Problem], device, samples: i
 
 
 def run_tasks(spec: str, data_dir: str | Path, model: nn.Module, device, samples: int = 8,
-              context: int | None = None) -> dict:
+              context: int | None = None, n_problems: int = 512) -> dict:
     """The RunRecord's `tasks`: the suite `spec` names (see suite_for), evaluated, with its source."""
-    problems = suite_for(spec, data_dir)
+    problems = suite_for(spec, data_dir, n_problems)
     return {"source": spec, **evaluate_suite(model, problems, device, samples=samples, context=context)}

@@ -1,0 +1,100 @@
+"""A run's curve read off the ladder's runs with similar tokens per parameter, and when it stands aside."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from keel.scaling.curve_shapes import CurveShapes, fit_curve_shapes
+from keel.scaling.fit import ScalingFit
+from keel.scaling.shared_curve import fit_shared_curves
+from keel.training.config import ScheduleConfig
+from keel.training.schedule import lr_at
+from test_scaling_forecast import record, scaling_fit
+
+BATCH = 1024
+
+
+def schedule(steps, name="cosine", warmup=0.1, lr=0.01):
+    cfg = ScheduleConfig(name=name, warmup_steps=max(1, round(warmup * steps)), min_lr_ratio=0.1)
+    return [lr_at(s, lr, steps, cfg) for s in range(steps)]
+
+
+def shape(f, ratio):
+    """ln L(f)/L(1): how far above its end a run stands at the fraction f of its steps. Steeper the fewer
+    tokens per parameter it trains on, as on this machine's ladders."""
+    return (0.3 - 0.03 * math.log(ratio)) * (np.asarray(f, float) ** -0.5 - 1)
+
+
+def run(n, ratio, lr=0.01):
+    steps = round(n * ratio / BATCH)
+    at = [round(k * steps / 10) for k in range(1, 11)]
+    final = 2.5 - 0.1 * math.log(ratio)
+    ratio = steps * BATCH / n  # as rounded to whole steps
+    r = record(8000, 100)  # every other field of a record
+    curve = [{"step": s, "tokens": s * BATCH, "loss": float(final * np.exp(shape(s / steps, ratio)))} for s in at]
+    return dataclasses.replace(r, name=f"n{n}-r{ratio:.0f}", non_embedding_params=n, tokens=steps * BATCH,
+                               eval_curve=curve, final_loss=curve[-1]["loss"], lrs=schedule(steps, lr=lr))
+
+
+LADDER = [run(n, ratio) for n in (16000, 32000, 64000) for ratio in (10, 20, 50, 120, 300)]
+
+
+def test_a_runs_curve_is_the_shape_of_ladder_runs_with_its_tokens_per_parameter_ending_at_its_forecast():
+    shapes = fit_curve_shapes(LADDER)
+    assert len(shapes.ratios) == len(LADDER)
+    # A size the ladder never ran, ten times longer than its runs of that ratio, at another peak rate
+    n, ratio = 128000, 70.0
+    steps = round(n * ratio / BATCH)
+    lrs = schedule(steps, lr=0.003)
+    at = [round(k * steps / 10) for k in range(1, 11)]
+    predicted = shapes.predict(lrs, steps * BATCH, n, at, final=1.3)
+    truth = 1.3 * np.exp(shape(np.asarray(at) / steps, steps * BATCH / n))
+    assert np.max(np.abs(np.asarray(predicted) / truth - 1)) < 0.003
+    assert predicted[-1] == pytest.approx(1.3)
+    # The shape follows the ratio: at 12 tokens per parameter the curve starts much higher above its end
+    steep = shapes.predict(schedule(round(n * 12 / BATCH)), round(n * 12 / BATCH) * BATCH, n,
+                           [round(n * 12 / BATCH / 10)], final=1.3)
+    assert steep[0] / 1.3 > predicted[0] / 1.3 + 0.1
+
+
+def test_the_shapes_stand_aside_where_the_ladder_does_not_cover_the_run():
+    shapes = fit_curve_shapes(LADDER)
+    n = 128000
+    steps = round(n * 70 / BATCH)
+    at = [round(k * steps / 10) for k in range(1, 11)]
+    assert shapes.predict(schedule(steps), steps * BATCH, n, at, 1.3) is not None
+    # another schedule shape: WSD, or cosine with a 2% warmup
+    assert shapes.predict(schedule(steps, name="wsd"), steps * BATCH, n, at, 1.3) is None
+    assert shapes.predict(schedule(steps, warmup=0.02), steps * BATCH, n, at, 1.3) is None
+    # more or fewer tokens per parameter than any ladder run
+    for ratio in (3, 1000):
+        s = round(n * ratio / BATCH)
+        assert shapes.predict(schedule(s), s * BATCH, n, [s // 2, s], 1.3) is None
+    # an eval before the ladder's first ones (the runs evaluated from a tenth of the way)
+    assert shapes.predict(schedule(steps), steps * BATCH, n, [steps // 20, *at], 1.3) is None
+    # a ladder whose runs disagree on the schedule keeps only the runs of the common shape
+    mixed = LADDER + [dataclasses.replace(run(32000, 50), lrs=schedule(round(32000 * 50 / BATCH), name="wsd"))]
+    assert len(fit_curve_shapes(mixed).ratios) == len(LADDER)
+    assert fit_curve_shapes(LADDER[:3]) is None  # too few runs
+
+
+def test_a_forecast_takes_the_ladder_runs_shape_and_falls_back_to_the_curve_law():
+    shared = fit_shared_curves([record(n, steps, lr) for n in (8000, 16000, 32000)
+                                for steps, lr in ((100, 0.012), (200, 0.01), (300, 0.008))])
+    fit = dataclasses.replace(scaling_fit(0.35), shared_curve=shared, curve_shapes=fit_curve_shapes(LADDER))
+    n, steps = 16000, round(16000 * 70 / BATCH)
+    at = [round(k * steps / 10) for k in range(1, 11)]
+    curve, source = fit.predict_curve(n, schedule(steps), BATCH, at, final=1.3)
+    assert source == "ladder runs" and curve == fit.curve_shapes.predict(schedule(steps), steps * BATCH, n, at, 1.3)
+    assert fit.predict_curve(n, schedule(steps, name="wsd"), BATCH, at, final=1.3)[1] == "curve law"
+    assert fit.predict_curve(16000, schedule(steps), BATCH, at)[1] == "curve law"  # no final: the law's own L0
+    # fit.json keeps the shapes
+    restored = CurveShapes.from_dict(fit.curve_shapes.to_dict())
+    assert restored.predict(schedule(steps), steps * BATCH, n, at, 1.3) == curve
+
+
+def test_fit_json_round_trips_the_shapes(tmp_path):
+    fit = dataclasses.replace(scaling_fit(0.35), curve_shapes=fit_curve_shapes(LADDER))
+    fit.save(tmp_path / "fit.json")
+    assert ScalingFit.load(tmp_path / "fit.json").curve_shapes == fit.curve_shapes
