@@ -105,15 +105,20 @@ class ScalingFit:
 
     def tasks_at(self, n_params: float, n_tokens: float, flops: float) -> dict | None:
         """The task suite's mean answer NLL and pass rate for a run: its final-loss forecast (final()) carried
-        over the ladder's loss-to-answer-NLL line and step 2's sigmoid (scaling/tasks_fit.py), with the
-        10/50/90% interval of the forecast's bootstrap replicates carried the same way; beside them, Llama
-        3's two steps straight from compute ("law"). None when the runs scored no tasks."""
+        over the ladder's loss-to-answer-NLL line and step 2's sigmoid (scaling/tasks_fit.py); beside them,
+        Llama 3's two steps straight from compute ("law"). None when the runs scored no tasks.
+
+        The 10/50/90% interval carries each of the forecast's bootstrap replicates over the line, with a draw
+        of the line's own scatter: the ladder's runs lie about the line by its rms (0.03-0.04 nats on this
+        machine's ladders J and L, as much as the loss interval adds), and so will the run."""
         if not self.tasks or self.tasks.get("nll_from_loss") is None:
             return None
         final = self.final(n_params, n_tokens, flops)
         values = (self._frontier_values(flops) if final["method"] == "frontier"
                   else self._approach3_values(n_params, n_tokens))
-        at, spread = predict_tasks(self.tasks, flops, loss=final["loss"]), predict_tasks(self.tasks, flops, loss=values)
+        scatter = np.random.default_rng(0).normal(0.0, self.tasks["nll_from_loss"]["rms"], len(values))
+        at = predict_tasks(self.tasks, flops, loss=final["loss"])
+        spread = predict_tasks(self.tasks, flops, loss=values, scatter=scatter)
         out = {"pass_rate_key": self.tasks["pass_rate_key"], "law": {"answer_nll": at["answer_nll"],
                                                                     "pass_rate": at["pass_rate"]}}
         for name in ("answer_nll", "pass_rate"):

@@ -74,11 +74,12 @@ def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sa
     return out
 
 
-def predict_tasks(fit: dict, flops, loss=None) -> dict:
+def predict_tasks(fit: dict, flops, loss=None, scatter=0.0) -> dict:
     """At `flops` (a number or an array): `answer_nll` and `pass_rate` (the mean over the whole suite) from
     Llama 3's two steps, `solved_pass_rate` (the geometric-mean pass rate over the problems GPT-4's law was
     fitted on) from GPT-4's; with the run's (forecast) final `loss` also `answer_nll_from_loss` and
-    `pass_rate_from_loss` through the bridge; None for a law that was not fitted."""
+    `pass_rate_from_loss` through the bridge, `scatter` (nats, broadcast with `loss`) added to the bridged
+    NLL; None for a law that was not fitted."""
     out: dict = {"answer_nll": None, "pass_rate": None, "solved_pass_rate": None, "answer_nll_from_loss": None,
                  "pass_rate_from_loss": None}
     if fit.get("two_step") is not None:
@@ -87,7 +88,7 @@ def predict_tasks(fit: dict, flops, loss=None) -> dict:
         out["pass_rate"] = _plain(law.predict(flops))
     if loss is not None and fit.get("nll_from_loss") is not None:
         line = fit["nll_from_loss"]
-        bridged = line["intercept"] + line["slope"] * np.asarray(loss, float)
+        bridged = line["intercept"] + line["slope"] * np.asarray(loss, float) + scatter
         out["answer_nll_from_loss"] = _plain(bridged)
         if fit.get("two_step") is not None:
             out["pass_rate_from_loss"] = _plain(TwoStepFit.from_dict(fit["two_step"]).accuracy.predict(bridged))

@@ -5,6 +5,7 @@ The runs here are not trained: each rung's run directory is written as a finishe
 from a known truth, so that what the pipeline predicts can be compared with what it should. The trainer
 writing real records is tested in test_run_record.py; a real ladder trains in test_scaling_ladder.py.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,6 +124,12 @@ def test_a_ladder_scored_on_tasks_forecasts_the_check_runs_answer_nll_and_pass_r
     assert nll["lo"] < nll["value"] < nll["hi"] and rate["lo"] < rate["value"] < rate["hi"]
     true_nll = fake_tasks(truth(check.params, check.tokens))["answer_nll"]
     assert nll["value"] == pytest.approx(true_nll, rel=0.02)
+    # These runs lie on the line exactly. Runs that scatter about it (by 0.05 nats) widen the interval by
+    # that scatter: the check run will scatter as much.
+    line = {**fit.tasks["nll_from_loss"], "rms": 0.05}
+    wide = forecast_for(dataclasses.replace(fit, tasks={**fit.tasks, "nll_from_loss": line}),
+                        ladder.config(check))["tasks"]["answer_nll"]
+    assert wide["value"] == nll["value"] and wide["hi"] - wide["lo"] > max(nll["hi"] - nll["lo"], 0.1)
 
     check_dir = fake_run(ladder, check, data_dir, tasks=True)
     main(["scale", "check", str(check_dir), str(tmp_path / "fit.json")])
