@@ -7,7 +7,9 @@ learning-rate area and with annealing) are shared by every size of the ladder, a
 so every curve of the ladder informs the dynamics. A forecast then takes the dynamics for the run's own
 schedule and anchors the curve's end at the predicted final loss (Approach 3 or the frontier law,
 scaling/fit.py): the shape from the curve law, the level from the scaling law, for sizes the ladder never
-ran as well.
+ran as well. A run whose schedule has the ladder's shape takes its shape from the ladder's runs instead
+(scaling/curve_shapes.py), which did better on this machine's check runs; this law serves every other
+schedule.
 
 Learning rates are token-weighted to a reference batch (scaling/fit.py), and the law is fitted to evals
 after the warmup and the first tenth of each run.

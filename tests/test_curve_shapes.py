@@ -43,7 +43,7 @@ LADDER = [run(n, ratio) for n in (16000, 32000, 64000) for ratio in (10, 20, 50,
 def test_a_runs_curve_is_the_shape_of_ladder_runs_with_its_tokens_per_parameter_ending_at_its_forecast():
     shapes = fit_curve_shapes(LADDER)
     assert len(shapes.ratios) == len(LADDER)
-    # A size the ladder never ran, ten times longer than its runs of that ratio, at another peak rate
+    # A size the ladder never ran (twice its largest), at another peak rate
     n, ratio = 128000, 70.0
     steps = round(n * ratio / BATCH)
     lrs = schedule(steps, lr=0.003)
