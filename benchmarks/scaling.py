@@ -79,8 +79,9 @@ def main() -> None:
     cfg = ladder.config(check)
     forecast = forecast_for(fit, cfg, str(out / "fit.json"))
     f = forecast["final"]
+    curve = f"the whole curve from the {forecast['curve_from']}" if forecast["curve_law"] else "without the whole curve"
     print(f"prediction before the check run starts: final loss {f['loss']:.4f}, 80% interval [{f['lo']:.4f}, "
-          f"{f['hi']:.4f}] by {f['method']} ({'the whole curve from the ' + forecast['curve_from'] if forecast['curve_law'] else 'without the whole curve'}); "
+          f"{f['hi']:.4f}] by {f['method']} ({curve}); "
           + "; ".join(f"{m} {f[m]['loss']:.4f} [{f[m]['lo']:.4f}, {f[m]['hi']:.4f}]" for m in ("approach3", "frontier")
                       if m in f), flush=True)
     rerun = (out / "runs" / check.name / "record.json").exists()

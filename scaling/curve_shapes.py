@@ -29,7 +29,9 @@ from .serial import field_values, to_plain
 
 BANDWIDTH = 0.7   # in ln(D/N): runs within ~2x of the target's ratio weigh most
 SIGNATURE = 32    # points at which schedules are compared, as fractions of the run
-SCHEDULE_TOLERANCE = 0.015  # in signature(): a warmup of 5% instead of 10% moves it by 0.025, a floor of 0 instead of 0.1 by 0.045
+# Two schedules have one shape when their signatures differ by at most this: a warmup of 5% instead of 10% moves
+# a signature by 0.025, a floor of 0 instead of 0.1 by 0.045, a 100-step run's rounding of the warmup by 0.011.
+SCHEDULE_TOLERANCE = 0.015
 
 
 def signature(lrs) -> np.ndarray:

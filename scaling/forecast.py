@@ -5,8 +5,8 @@ law at its FLOPs where Approach 3 did not identify the law (ScalingFit.final say
 eval ends at that final loss. Its shape comes from the ladder's runs with similar tokens per parameter when
 the run's schedule has the ladder's shape (scaling/curve_shapes.py), else from the loss-curve law's dynamics
 fitted over the whole ladder for the run's own schedule (scaling/shared_curve.py). Its interval is the final
-one's relative width (the curve's own uncertainty is not bootstrapped). training/forecast.py reads the file this writes and
-watches the run against it.
+one's relative width (the curve's own uncertainty is not bootstrapped). training/forecast.py reads the file
+this writes and watches the run against it.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def forecast_for(fit: ScalingFit, cfg: Config, source: str = "fit.json") -> dict
     points = ([{"step": s, "loss": v, "lo": v * below, "hi": v * above} for s, v in zip(at, curve)]
               if curve is not None else [{"step": steps, **final}])
     return {"source": source, "params": n, "tokens": d, "flops": flops, "final": final,
-            "curve_law": curve is not None, "curve_from": curve_from, "curve": points, "tasks": fit.tasks_at(n, d, flops)}
+            "curve_law": curve is not None, "curve_from": curve_from, "curve": points,
+            "tasks": fit.tasks_at(n, d, flops)}
 
 
 def write_forecast(forecast: dict, path: str | Path) -> Path:

@@ -195,8 +195,8 @@ class TrainConfig:
     # {"prompt", "answer"} lines. Single-process runs only, for now.
     tasks: Optional[str] = None
     task_samples: int = 8  # sampled completions per problem for its pass rate
-    # Problems of the built-in suite. Each costs a share of one forward pass; 64 moved the mean answer NLL
-    # of two models of equal loss by ~2% (benchmarks/RESULTS.md, ladder J).
+    # Problems of the built-in suite (training/tasks.py HELDOUT_PROBLEMS). Each costs a share of one forward
+    # pass; 64 left ~2% of sampling noise in the mean answer NLL (benchmarks/RESULTS.md, ladder J).
     task_problems: int = 512
 
     def __post_init__(self):

@@ -37,6 +37,8 @@ HELDOUT = "heldout"
 # The built-in suite scans at most this many tokens of the val split: enough lines for any suite size,
 # and bounded memory on a corpus whose held-out split is billions of tokens.
 MAX_SCAN_TOKENS = 1 << 24
+# Problems in the built-in suite (train.task_problems): each costs a share of one forward pass.
+HELDOUT_PROBLEMS = 512
 # Logit elements (rows x positions x vocab, fp32) one forward pass may produce: 256 MiB.
 LOGITS_PER_BATCH = 1 << 26
 
@@ -69,7 +71,7 @@ def _val_tokens(data_dir: Path, meta: dict) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def build_suite(data_dir: str | Path, n_problems: int = 512, prefix_tokens: int = 128, min_answer_tokens: int = 3,
+def build_suite(data_dir: str | Path, n_problems: int = HELDOUT_PROBLEMS, prefix_tokens: int = 128, min_answer_tokens: int = 3,
                 max_answer_tokens: int = 16, seed: int = 0) -> list[Problem]:
     """`n_problems` next-line problems from the val split, the same for the same corpus and arguments.
 
@@ -138,7 +140,7 @@ def load_suite(path: str | Path, data_dir: str | Path) -> list[Problem]:
     return problems
 
 
-def suite_for(spec: str, data_dir: str | Path, n_problems: int = 512) -> list[Problem]:
+def suite_for(spec: str, data_dir: str | Path, n_problems: int = HELDOUT_PROBLEMS) -> list[Problem]:
     """train.tasks: "heldout" (the built-in suite of `n_problems`) or the path of a task file."""
     return build_suite(data_dir, n_problems) if spec == HELDOUT else load_suite(spec, data_dir)
 
@@ -237,7 +239,7 @@ def evaluate_suite(model: nn.Module, problems: list[Problem], device, samples: i
 
 
 def run_tasks(spec: str, data_dir: str | Path, model: nn.Module, device, samples: int = 8,
-              context: int | None = None, n_problems: int = 512) -> dict:
+              context: int | None = None, n_problems: int = HELDOUT_PROBLEMS) -> dict:
     """The RunRecord's `tasks`: the suite `spec` names (see suite_for), evaluated, with its source."""
     problems = suite_for(spec, data_dir, n_problems)
     return {"source": spec, **evaluate_suite(model, problems, device, samples=samples, context=context)}
