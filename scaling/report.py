@@ -4,7 +4,8 @@
 - frontier.png: the best loss at each budget, the frontier law and Approach 3 extended to the target, with
   the check run (when given) and its predicted interval.
 - residuals.png: observed / Approach 3 - 1 for every run, against compute.
-- curves.png: observed eval curves beside the loss-curve law's, per fitted size (and the check run's).
+- curves.png: observed eval curves beside the loss-curve law's, per fitted size; the check run's beside its
+  forecast, the curve the forecast printed before the run (from the ladder's runs or the curve law) and its band.
 - runs.csv: name, N, D, FLOPs, loss, Approach 3's prediction and its interval, the residual.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
     y = np.array([p["loss"] for p in pts])
     budgets = np.array([p["budget"] or p["flops"] for p in pts])
     written = []
+    forecast = forecast_for(fit, load_config(Path(check) / "config.yaml")) if check else None
 
     # runs.csv
     path = out / "runs.csv"
@@ -72,7 +74,7 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
     ax.plot(grid, [fit.approach3.loss_at_compute(g) for g in grid], ls="--", label="approach 3 at the optimum (C = 6ND)")
     if check:
         record = read_record(check)
-        f = forecast_for(fit, load_config(Path(check) / "config.yaml"))["final"]
+        f = forecast["final"]
         ax.errorbar([record.flops], [f["loss"]], yerr=[[f["loss"] - f["lo"]], [f["hi"] - f["loss"]]], fmt="s",
                     color="C3", capsize=4, label="check run: predicted (80%)")
         ax.scatter([record.flops], [record.final_loss], marker="*", s=120, color="k", zorder=3,
@@ -90,9 +92,7 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
 
     # curves.png
     records = [p.record for p in load_points(runs)] if runs else []
-    if check:
-        records.append(read_record(check))
-    if records:
+    if records or check:
         fig, ax = plt.subplots(figsize=(8, 5))
         for k, r in enumerate(records):
             steps = [e["step"] for e in r.eval_curve if e["step"] > 0]
@@ -100,11 +100,22 @@ def write_report(fit: ScalingFit, out: str | Path, runs: list[str] = (), target_
             pred, _ = fit.predict_curve(r.non_embedding_params, r.lrs, r.batch_tokens, steps)
             if pred is not None:
                 ax.plot(steps, pred, "-", lw=1, color=f"C{k % 10}")
+        if check:
+            # The check run against what was forecast for it, not the curve law's in-sample view.
+            r, points = read_record(check), forecast["curve"]
+            steps = [e["step"] for e in r.eval_curve if e["step"] > 0]
+            ax.plot(steps, [e["loss"] for e in r.eval_curve if e["step"] > 0], "*", ms=7, color="k",
+                    label="check run: observed")
+            ax.fill_between([p["step"] for p in points], [p["lo"] for p in points], [p["hi"] for p in points],
+                            color="k", alpha=0.12, lw=0)
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], "-", lw=2, color="k",
+                    label=f"check run: forecast, from the {forecast['curve_from'] or 'final loss only'} (80%)")
+            ax.legend(fontsize=8)
         ax.set(xscale="log", xlabel="step", ylabel="eval loss",
-               title="Eval curves (dots) and the loss-curve law (lines)")
+               title="Eval curves (dots) and the loss-curve law (lines); the check run against its forecast")
         written.append(_save(fig, out / "curves.png"))
     if check:
-        result = compare(forecast_for(fit, load_config(Path(check) / "config.yaml")), read_record(check))
+        result = compare(forecast, read_record(check))
         path = out / "check.csv"
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
