@@ -84,8 +84,8 @@ class CurveFit:
 
 
 # The annealing momentum's decay tried when it is fitted too (fit_curve(decay=DECAYS)): memories of ~30 to
-# ~2,000 steps. Tissue et al.'s 0.999 suits their runs of tens of thousands of steps; on 3,000-step runs of
-# this machine the curves themselves prefer 0.98-0.995 (benchmarks/curve_schedules.py).
+# ~2,000 steps. Tissue et al. use 0.999, a memory of ~1,000 steps; the 3,000-step runs of
+# benchmarks/curve_schedules.py fit best at 0.97-0.995, and predict other schedules better there.
 DECAYS = (0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995)
 
 
