@@ -24,7 +24,7 @@ def test_two_schedules_of_real_runs_predict_the_third_schedules_curve(tmp_path, 
 
     records = {n: tmp_path / "runs" / n / "record.json" for n in bench.SCHEDULES}
     assert all(p.is_file() for p in records.values())
-    rows = list(csv.DictReader(open(tmp_path / "curve_schedules.csv")))
+    rows = list(csv.DictReader((tmp_path / "curve_schedules.csv").read_text().splitlines()))
     assert {r["held_out"] for r in rows} == {"cosine", "constant", "wsd"}
     wsd = [r for r in rows if r["held_out"] == "wsd"]
     assert wsd[0]["fitted_on"] == "cosine+constant"
