@@ -69,13 +69,11 @@ def held_out_predictions(records: dict, decay) -> list[dict]:
     first tenth)."""
     import numpy as np
 
-    from keel.scaling.curve import LossCurve, fit_curve
-    from keel.scaling.shared_curve import fitted_evals
+    from keel.scaling.curve import fit_curve
+    from keel.scaling.shared_curve import fitted_curve
 
-    def curve(r):
-        evals = fitted_evals(r)
-        return LossCurve(lr=np.asarray(r.lrs), steps=np.array([e["step"] for e in evals]),
-                         loss=np.array([e["loss"] for e in evals]))
+    def curve(r):  # every run has the same batch: its own learning rates
+        return fitted_curve(r, r.batch_tokens)
 
     out = []
     for held in records:

@@ -89,6 +89,7 @@ class CurveFit:
 DECAYS = (0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995)
 
 
+@single_threaded
 def fit_curve(curves: Sequence[LossCurve], *, decay: float | Sequence[float] = DECAY,
               delta: float = 1e-3) -> CurveFit:
     """Fit L0, A, alpha, C (all >= 0) to one or more curves of one model size, with the annealing
@@ -100,7 +101,6 @@ def fit_curve(curves: Sequence[LossCurve], *, decay: float | Sequence[float] = D
     return min(fits, key=lambda f: f.objective)
 
 
-@single_threaded
 def _fit_curve(curves: Sequence[LossCurve], *, decay: float, delta: float) -> CurveFit:
     """Fit L0, A, alpha, C (all >= 0) to one or more curves of one model size, at one `decay`.
 

@@ -33,7 +33,7 @@ from .isoflop import IsoFLOPFit, fit_isoflop
 from .plan import LadderError
 from .points import Point
 from .power_law import OffsetPowerLaw
-from .shared_curve import SharedCurveFit, fit_shared_curves, fitted_evals, weighted_lrs
+from .shared_curve import SharedCurveFit, fit_shared_curves, fitted_curve
 from .tasks_fit import fit_tasks, predict_tasks
 
 REPLICATES = 200
@@ -331,10 +331,7 @@ def fit_curves(points: list[Point]) -> tuple[dict[str, CurveFit], float | None]:
     batch = float(np.median([r.batch_tokens for r in records]))
     by_size: dict[int, list[LossCurve]] = {}
     for r in records:
-        evals = fitted_evals(r)
-        weighted = weighted_lrs(r, batch)
-        by_size.setdefault(r.non_embedding_params, []).append(
-            LossCurve(weighted, np.array([e["step"] for e in evals]), np.array([e["loss"] for e in evals])))
+        by_size.setdefault(r.non_embedding_params, []).append(fitted_curve(r, batch))
     fits = {}
     for size, curves in by_size.items():
         try:

@@ -24,7 +24,7 @@ from scipy.optimize import least_squares
 
 from ..training.record import RunRecord
 from .blas import single_threaded
-from .curve import DECAY, schedule_areas
+from .curve import DECAY, LossCurve, schedule_areas
 from .serial import field_values, to_plain
 
 
@@ -38,6 +38,13 @@ def fitted_evals(record: RunRecord) -> list[dict]:
 def weighted_lrs(record: RunRecord, batch_tokens: float) -> np.ndarray:
     """The run's learning rates, token-weighted to a reference batch (see scaling/fit.py)."""
     return np.asarray(record.lrs, float) * record.batch_tokens / batch_tokens
+
+
+def fitted_curve(record: RunRecord, batch_tokens: float) -> LossCurve:
+    """The run's fitted evals (fitted_evals) under its learning rates weighted to `batch_tokens`."""
+    evals = fitted_evals(record)
+    return LossCurve(weighted_lrs(record, batch_tokens), np.array([e["step"] for e in evals]),
+                     np.array([e["loss"] for e in evals]))
 
 
 @dataclass

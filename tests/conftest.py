@@ -1,6 +1,7 @@
 """Shared fixtures: a small real corpus and a tiny model config that trains in seconds on a CPU."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -60,3 +61,15 @@ def tiny_config(corpus_dir, tmp_path):
         return load_config(None, [*TINY, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}",
                                   "train.name=test", *overrides])
     return make
+
+
+@pytest.fixture
+def benchmark_script():
+    """Import a script of benchmarks/ by name ("gpu_check"): they are files, not a package."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks"
+                                                      / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

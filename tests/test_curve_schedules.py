@@ -1,24 +1,13 @@
 """The loss-curve law on real runs (the short version of benchmarks/curve_schedules.py): one model trained
 with three schedules on the embedded Ray; the law fitted to two runs predicts the third's curve."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "curve_schedules.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("curve_schedules", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.timeout(600)
-def test_two_schedules_of_real_runs_predict_the_third_schedules_curve(tmp_path, capsys):
-    bench = load_benchmark()
+def test_two_schedules_of_real_runs_predict_the_third_schedules_curve(tmp_path, capsys, benchmark_script):
+    bench = benchmark_script("curve_schedules")
     assert bench.main(["--steps", "600", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
 

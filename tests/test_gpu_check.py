@@ -2,7 +2,6 @@
 goes through every stage on the CPU, with the packages the GPU machine lacks made unimportable, and leaves
 the 8 result files and a summary; a stage that hangs costs only its own time box."""
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FILES = {"summary.json", "kernels.csv", "kernels.png", "step.csv", "step.png", "checkpoint.csv", "tests.txt",
          "log.txt"}
-
-
-def gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +67,16 @@ def test_every_kernel_comparison_and_step_variant_has_its_rows(dry_run):
     assert ckpt and all(r["restored_equal"] == "True" for r in ckpt)
 
 
-def test_a_stage_cannot_import_what_the_gpu_machine_lacks(tmp_path):
-    gpu_check = gpu_check_module()
+def test_a_stage_cannot_import_what_the_gpu_machine_lacks(tmp_path, benchmark_script):
+    gpu_check = benchmark_script("gpu_check")
     script = tmp_path / "needs_ray.py"
     script.write_text("import ray\n")
     proc = subprocess.run([sys.executable, "-c", gpu_check.PRELUDE, str(script)], capture_output=True, text=True)
     assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr and "ray" in proc.stderr
 
 
-def test_a_stage_that_hangs_is_stopped_at_its_time_box(tmp_path):
-    gpu_check = gpu_check_module()
+def test_a_stage_that_hangs_is_stopped_at_its_time_box(tmp_path, benchmark_script):
+    gpu_check = benchmark_script("gpu_check")
     with open(tmp_path / "log.txt", "w") as log:
         status, output = gpu_check._run_child([sys.executable, "-c", "print('started', flush=True)\n"
                                                "import time; time.sleep(60)"], None, 2.0, log)
