@@ -101,9 +101,23 @@ class SigmoidLaw:
     ceiling: float = 1.0
     converged: bool = True
 
-    def predict(self, nll):
-        z = self.slope * (np.asarray(nll, float) - self.midpoint)
+    def predict(self, nll, logit_shift=0.0):
+        """Accuracy at `nll`; `logit_shift` (broadcast with it) moves the answer up or down the sigmoid's
+        logit, as a model that lies off the curve does."""
+        z = self.slope * (np.asarray(nll, float) - self.midpoint) - np.asarray(logit_shift, float)
         return self.floor + (self.ceiling - self.floor) / (1 + np.exp(z))
+
+    def logit_rms(self, nll, accuracy) -> float | None:
+        """How far models lie off the sigmoid: the rms, in logits, of their accuracy against its value at
+        their NLL, over the models strictly between floor and ceiling (a logit there is finite); None when
+        fewer than 3 are."""
+        x, y = np.asarray(nll, float).ravel(), np.asarray(accuracy, float).ravel()
+        inside = (y > self.floor) & (y < self.ceiling)
+        if inside.sum() < 3:
+            return None
+        q = (y[inside] - self.floor) / (self.ceiling - self.floor)
+        curve = -self.slope * (x[inside] - self.midpoint)  # the sigmoid's own logit
+        return float(np.sqrt(np.mean((np.log(q / (1 - q)) - curve) ** 2)))
 
     def to_dict(self) -> dict:
         return to_plain(self)

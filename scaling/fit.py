@@ -110,15 +110,19 @@ class ScalingFit:
 
         The 10/50/90% interval carries each of the forecast's bootstrap replicates over the line, with a draw
         of the line's own scatter: the ladder's runs lie about the line by its rms (0.03-0.04 nats on this
-        machine's ladders J and L, as much as the loss interval adds), and so will the run."""
+        machine's ladders J and L, as much as the loss interval adds), and so will the run; and the pass rate's
+        with a draw of the sigmoid's scatter, in logits (models of one answer NLL passed 2-4x apart on ladders
+        M-P, and the interval without it missed all four check runs)."""
         if not self.tasks or self.tasks.get("nll_from_loss") is None:
             return None
         final = self.final(n_params, n_tokens, flops)
         values = (self._frontier_values(flops) if final["method"] == "frontier"
                   else self._approach3_values(n_params, n_tokens))
-        scatter = np.random.default_rng(0).normal(0.0, self.tasks["nll_from_loss"]["rms"], len(values))
+        rng = np.random.default_rng(0)
+        scatter = rng.normal(0.0, self.tasks["nll_from_loss"]["rms"], len(values))
+        logit_scatter = rng.normal(0.0, self.tasks.get("sigmoid_logit_rms") or 0.0, len(values))
         at = predict_tasks(self.tasks, flops, loss=final["loss"])
-        spread = predict_tasks(self.tasks, flops, loss=values, scatter=scatter)
+        spread = predict_tasks(self.tasks, flops, loss=values, scatter=scatter, logit_scatter=logit_scatter)
         out = {"pass_rate_key": self.tasks["pass_rate_key"], "law": {"answer_nll": at["answer_nll"],
                                                                     "pass_rate": at["pass_rate"]}}
         for name in ("answer_nll", "pass_rate"):

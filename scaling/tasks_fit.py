@@ -61,8 +61,10 @@ def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sa
     best = np.array([g[np.argmin(loss[g])] for g in group_by_budget(compute)])
     rest = np.setdiff1d(np.arange(len(scored)), best)
     try:
-        out["two_step"] = fit_two_step(compute[best], nll[best], pass_rate[best], extra_nll=nll[rest],
-                                       extra_accuracy=pass_rate[rest]).to_dict()
+        two_step = fit_two_step(compute[best], nll[best], pass_rate[best], extra_nll=nll[rest],
+                                extra_accuracy=pass_rate[rest])
+        out["two_step"] = two_step.to_dict()
+        out["sigmoid_logit_rms"] = two_step.accuracy.logit_rms(nll, pass_rate)
     except ValueError as e:
         out["skipped"]["two_step"] = str(e)
     if len(np.unique(loss)) >= 3:
@@ -74,12 +76,13 @@ def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sa
     return out
 
 
-def predict_tasks(fit: dict, flops, loss=None, scatter=0.0) -> dict:
+def predict_tasks(fit: dict, flops, loss=None, scatter=0.0, logit_scatter=0.0) -> dict:
     """At `flops` (a number or an array): `answer_nll` and `pass_rate` (the mean over the whole suite) from
     Llama 3's two steps, `solved_pass_rate` (the geometric-mean pass rate over the problems GPT-4's law was
     fitted on) from GPT-4's; with the run's (forecast) final `loss` also `answer_nll_from_loss` and
     `pass_rate_from_loss` through the bridge, `scatter` (nats, broadcast with `loss`) added to the bridged
-    NLL; None for a law that was not fitted."""
+    NLL and `logit_scatter` to the pass rate's logit on step 2's sigmoid; None for a law that was not
+    fitted."""
     out: dict = {"answer_nll": None, "pass_rate": None, "solved_pass_rate": None, "answer_nll_from_loss": None,
                  "pass_rate_from_loss": None}
     if fit.get("two_step") is not None:
@@ -91,7 +94,8 @@ def predict_tasks(fit: dict, flops, loss=None, scatter=0.0) -> dict:
         bridged = line["intercept"] + line["slope"] * np.asarray(loss, float) + scatter
         out["answer_nll_from_loss"] = _plain(bridged)
         if fit.get("two_step") is not None:
-            out["pass_rate_from_loss"] = _plain(TwoStepFit.from_dict(fit["two_step"]).accuracy.predict(bridged))
+            sigmoid = TwoStepFit.from_dict(fit["two_step"]).accuracy
+            out["pass_rate_from_loss"] = _plain(sigmoid.predict(bridged, logit_shift=logit_scatter))
     if fit.get("capability") is not None:
         out["solved_pass_rate"] = _plain(CapabilityFit.from_dict(fit["capability"]).predict_pass_rate(flops))
     return out

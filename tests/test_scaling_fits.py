@@ -11,7 +11,7 @@ import pytest
 
 from keel.scaling.agreement import compare_predictions
 from keel.scaling.bootstrap import Bootstrap, Interval, bootstrap
-from keel.scaling.capability import (CapabilityFit, TwoStepFit, fit_capability, fit_two_step,
+from keel.scaling.capability import (CapabilityFit, SigmoidLaw, TwoStepFit, fit_capability, fit_two_step,
                                      mean_neg_log_pass_rate, solved_problems)
 from keel.scaling.chinchilla import (HOFFMANN_ROUNDED, HOFFMANN_TEX, ChinchillaFit, fit_chinchilla,
                                      huber_lse_objective)
@@ -319,6 +319,17 @@ def test_llama3_two_step_forecast_predicts_accuracy_of_a_larger_model():
     assert fit.converged
     assert fit.accuracy.midpoint == pytest.approx(0.9, abs=0.02)
     assert fit.predict(1e24) == pytest.approx(accuracy_of(nll_law.predict(1e24)), abs=0.02)
+
+
+def test_the_sigmoid_measures_how_far_models_lie_off_it_in_logits():
+    law = SigmoidLaw(slope=8.0, midpoint=0.8)
+    rng = np.random.default_rng(0)
+    nll = np.linspace(1.0, 1.6, 400)
+    off = rng.normal(0.0, 0.7, nll.size)
+    accuracy = law.predict(nll, logit_shift=off)  # pass rates 2x apart at one NLL, as on this machine's ladders
+    assert law.logit_rms(nll, law.predict(nll)) == pytest.approx(0.0, abs=1e-9)
+    assert law.logit_rms(nll, accuracy) == pytest.approx(0.7, rel=0.1)
+    assert law.logit_rms(nll[:2], accuracy[:2]) is None  # too few models to say
 
 
 def as_points(n, d, loss, budgets):

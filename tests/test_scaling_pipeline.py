@@ -130,6 +130,12 @@ def test_a_ladder_scored_on_tasks_forecasts_the_check_runs_answer_nll_and_pass_r
     wide = forecast_for(dataclasses.replace(fit, tasks={**fit.tasks, "nll_from_loss": line}),
                         ladder.config(check))["tasks"]["answer_nll"]
     assert wide["value"] == nll["value"] and wide["hi"] - wide["lo"] > max(nll["hi"] - nll["lo"], 0.1)
+    # Likewise the pass rate: these runs lie on step 2's sigmoid, runs that pass 2.7x apart at one answer NLL
+    # (a logit off by 1) widen its interval to hold as much.
+    assert fit.tasks["sigmoid_logit_rms"] < 1e-3
+    off = forecast_for(dataclasses.replace(fit, tasks={**fit.tasks, "sigmoid_logit_rms": 1.0}),
+                       ladder.config(check))["tasks"]["pass_rate"]
+    assert off["value"] == rate["value"] and off["hi"] / off["lo"] > max(rate["hi"] / rate["lo"], 2.7)
 
     check_dir = fake_run(ladder, check, data_dir, tasks=True)
     main(["scale", "check", str(check_dir), str(tmp_path / "fit.json")])
