@@ -28,8 +28,12 @@ install: $(VENV)/.installed-base
 demo: $(VENV)/.installed-base
 	$(BIN)/keel train configs/tiny.yaml $(ARGS)
 
+# Two test files at a time: serially the suite kept the 2-core build machine ~30% busy (most tests wait on
+# process start-up, Ray, and sockets), and took 33-37 minutes. A file's tests stay on one worker, so a
+# module's Ray instance or trained runs are made once. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests -q $(ARGS)
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The prepared GPU check (benchmarks/gpu_check.py), about 8 minutes on an H100/H200. It installs nothing: on
 # the bare GPU machine it runs from this tree with that machine's python3 (.venv does not travel there);

@@ -61,7 +61,7 @@ setup(
     extras_require={
         # transformers: the Hugging Face round trip is checked against the real library, not a copy of it;
         # datasets: the tests write real `save_to_disk` folders (keel reads them with pyarrow alone).
-        "test": ["pytest", "pytest-timeout", "transformers==5.24.0", "datasets==5.2.0"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers==5.24.0", "datasets==5.2.0"],
         "deepspeed": ["deepspeed==0.19.8"],
         "megatron": ["megatron-core==0.16.1"],
         "ray": ["ray[default]==2.60.0"],
