@@ -283,8 +283,9 @@ def fit_points(points: list[Point], replicates: int = REPLICATES, seed: int = 0)
     lo, hi = PLAUSIBLE_EXPONENTS
     for name, (p10, p90) in fit.unidentified_exponents().items():
         notes.append(f"approach 3's {name} is not pinned down ({getattr(main, name):.3g}; its refits' 10-90%: "
-                     f"{p10:.3g} to {p90:.3g}, outside the published band {lo:g}-{hi:g}): final-loss forecasts "
-                     f"use the frontier law" + ("" if frontier is not None else ", which was not fitted"))
+                     f"{p10:.3g} to {p90:.3g}, outside the published band {lo:g}-{hi:g}): "
+                     + ("final-loss forecasts use the frontier law" if frontier is not None else
+                        "no frontier law was fitted either, so final-loss forecasts still use approach 3"))
     return fit
 
 

@@ -52,7 +52,7 @@ def fit_tasks(records: list[RunRecord], rates: Literal["sampled", "exact"] = "sa
     loss = np.array([r.final_loss for r in scored], float)
     out = {"suite": suites[0], "runs": len(scored), "problems": per_problem.shape[1], "rates": rates,
            "pass_rate_key": key, "temperature": temperatures[0], "capability": None, "two_step": None,
-           "nll_from_loss": None, "skipped": {}}
+           "sigmoid_logit_rms": None, "nll_from_loss": None, "skipped": {}}
     try:
         out["solved_problems"] = int(solved_problems(per_problem).sum())
         out["capability"] = fit_capability(compute, per_problem).to_dict()

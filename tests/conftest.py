@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -73,3 +74,13 @@ def benchmark_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture(scope="module")
+def ray_session_dir():
+    """A short folder for one Ray instance's session files, removed after the module. Ray's Unix sockets live
+    under it and their paths may not pass 107 bytes: under pytest-xdist, pytest's own temp folders are a level
+    deeper, and a raylet's socket there came to 106 bytes, a dashboard's to more (it then fails to start)."""
+    folder = tempfile.mkdtemp(prefix="keel-ray-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -6,10 +6,8 @@ rank that stops stepping, an exception), injected by `fault.inject`.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,19 +25,9 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def ray_temp_dir():
-    # Short, not under pytest's temp folders: Ray's Unix sockets live under it, and their paths may not pass
-    # 107 bytes (under pytest-xdist, /tmp/pytest-of-root/pytest-20/popen-gw0/ray0/session_.../sockets/
-    # plasma_store came to 106).
-    folder = tempfile.mkdtemp(prefix="keel-rt-")
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def local_ray(ray_temp_dir):
+def local_ray(ray_session_dir):
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning",
-             _temp_dir=ray_temp_dir)
+             _temp_dir=ray_session_dir)
     yield
     ray.shutdown()
 
@@ -288,21 +276,21 @@ def test_a_one_process_run_is_supervised_too_and_a_killed_process_restarts_warm(
     assert clean["goodput"]["restarts"] == 0
 
 
-def training_process(rank: int, ray_temp_dir: str):
-    """This module's Ray's `keel-rank{rank}` training process (its raylet runs under `ray_temp_dir`)."""
+def training_process(rank: int, ray_session_dir: str):
+    """This module's Ray's `keel-rank{rank}` training process (its raylet runs under `ray_session_dir`)."""
     import psutil
 
     for proc in psutil.process_iter(["name"]):
         if proc.info["name"] == f"keel-rank{rank}":
             try:
-                if any(ray_temp_dir in " ".join(p.cmdline()) for p in proc.parents()):
+                if any(ray_session_dir in " ".join(p.cmdline()) for p in proc.parents()):
                     return proc
             except psutil.Error:
                 continue
     return None
 
 
-def test_a_frozen_rank_is_caught_as_a_hang_and_blamed_by_name(run, reference_loss, tmp_path, ray_temp_dir):
+def test_a_frozen_rank_is_caught_as_a_hang_and_blamed_by_name(run, reference_loss, tmp_path, ray_session_dir):
     import signal
     import threading
     import time
@@ -314,7 +302,7 @@ def test_a_frozen_rank_is_caught_as_a_hang_and_blamed_by_name(run, reference_los
         deadline = time.time() + 120
         while time.time() < deadline:
             if (run_dir / "metrics.jsonl").exists() and len(steps(run_dir)) >= 10:
-                proc = training_process(1, ray_temp_dir)
+                proc = training_process(1, ray_session_dir)
                 if proc is not None:
                     frozen["time"] = time.time()
                     proc.send_signal(signal.SIGSTOP)  # alive, silent: a frozen rank

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, ray_session_dir):
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token of the user's is read or written
     gcs, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
@@ -33,15 +32,12 @@ def head(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
-    # A short folder of its own: the dashboard's sockets live under it, and a Unix socket's path may not pass
-    # 107 bytes (pytest's own temp folders, deeper under xdist, made the dashboard fail to start).
-    temp_dir = tempfile.mkdtemp(prefix="keel-head-")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
                              "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1",
                              # Not the fixed default (52365): another Ray on the machine must not take our job agent.
                              "--dashboard-agent-listen-port", str(agent),
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "true",
-                             "--disable-usage-stats", "--temp-dir", temp_dir],
+                             "--disable-usage-stats", "--temp-dir", ray_session_dir],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -59,7 +55,6 @@ def head(tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def keel(*args, home, token=TOKEN, timeout=120):
