@@ -267,9 +267,12 @@ def test_keel_export_reproduces_the_logged_validation_loss(tiny_config, tmp_path
 
 def test_torchrun_restart_after_a_killed_rank_resumes_from_the_checkpoint(corpus_dir, tiny_overrides, tmp_path):
     # torchrun keeps its store across --max-restarts; keel gives each attempt its own keys, without which
-    # the restarted ranks could not even form their process group (parallel/mesh.py).
+    # the restarted ranks could not even form their process group (parallel/mesh.py). Saves are synchronous
+    # so that step 10's is committed before the kill at 12 however loaded the machine is (an async save
+    # still in flight when a rank dies is lost by design, and the resume would come from step 5).
     items = [*tiny_overrides, f"data.path={corpus_dir}", f"train.output_dir={tmp_path}", "train.name=run",
-             "parallel.dp_shard=2", "train.micro_batch_size=4", "checkpoint.interval=5", "fault.inject=[kill:r1@12]"]
+             "parallel.dp_shard=2", "train.micro_batch_size=4", "checkpoint.interval=5", "checkpoint.async_save=false",
+             "fault.inject=[kill:r1@12]"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
                              "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "keel.training",
                              "configs/tiny.yaml", *[a for item in items for a in ("--set", item)]],
