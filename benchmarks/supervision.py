@@ -10,7 +10,11 @@ hit both alike, each in a fresh run directory. Measured per run, from its own fi
   wall        the whole command
 Prints the medians and the ratios, and writes benchmarks/results/supervision.csv.
 
-    python benchmarks/supervision.py [--steps 60] [--rounds 3]
+With --baseline-tree DIR (another checkout of keel, say the commit before a change), a third run per round
+trains supervised with that tree's code (imported through a `keel` link to it), so a change's effect is
+measured in the same run, interleaved with both.
+
+    python benchmarks/supervision.py [--steps 60] [--rounds 3] [--baseline-tree DIR]
 """
 from __future__ import annotations
 
@@ -28,24 +32,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_run(launcher: str, out: Path, steps: int) -> dict:
+def one_run(arm: str, out: Path, steps: int, tree: Path | None = None) -> dict:
+    """One run; `arm` is "inline", "ray" or "baseline" (supervised, with the code in `tree`)."""
+    launcher = "inline" if arm == "inline" else "ray"
     sets = [f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1", "checkpoint.interval=0",
-            f"train.output_dir={out}", f"train.name={launcher}", "logging.progress=false",
+            f"train.output_dir={out}", f"train.name={arm}", "logging.progress=false",
             "logging.wandb.mode=disabled"]
     cmd = [sys.executable, "-m", "keel.launcher.cli", "train", "configs/tiny.yaml", "--launcher", launcher,
            *[a for s in sets for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cwd = ROOT
+    if arm == "baseline":
+        link = out / "path" / "keel"  # `import keel` finds the baseline tree ahead of the installed one
+        link.parent.mkdir()
+        link.symlink_to(tree.resolve())
+        env["PYTHONPATH"] = str(link.parent)
+        cwd = tree
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     wall = time.time() - t0
     if result.returncode:
-        raise SystemExit(f"{launcher} run failed:\n{result.stderr[-3000:]}")
-    records = [json.loads(x) for x in (out / launcher / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"{arm} run failed:\n{result.stderr[-3000:]}")
+    records = [json.loads(x) for x in (out / arm / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in records if r["kind"] == "step"]
     first = steps_[0]
     steady = steps_[5:]
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in steady)
-    return {"launcher": launcher, "startup_s": first["time"] - first["step_s"] - t0,
+    return {"launcher": arm, "startup_s": first["time"] - first["step_s"] - t0,
             "tokens_per_s": tokens / sum(r["step_s"] for r in steady), "wall_s": wall}
 
 
@@ -53,30 +66,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-tree", type=Path, help="another keel checkout, run supervised as a third arm")
     parser.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "supervision.csv"))
     args = parser.parse_args()
+    arms = ("inline", "ray", "baseline") if args.baseline_tree else ("inline", "ray")
 
     runs = []
     for r in range(args.rounds):
-        for launcher in ("inline", "ray"):
+        for arm in arms:
             with tempfile.TemporaryDirectory(prefix="keel-supervision-") as out:
-                runs.append({"round": r + 1, **one_run(launcher, Path(out), args.steps)})
+                runs.append({"round": r + 1, **one_run(arm, Path(out), args.steps, args.baseline_tree)})
             x = runs[-1]
-            print(f"round {r + 1} {launcher:6s}: start-up {x['startup_s']:5.2f} s, {x['tokens_per_s']:,.0f} tok/s, "
+            print(f"round {r + 1} {arm:8s}: start-up {x['startup_s']:5.2f} s, {x['tokens_per_s']:,.0f} tok/s, "
                   f"wall {x['wall_s']:.1f} s", flush=True)
 
     def med(launcher: str, key: str) -> float:
         return statistics.median(x[key] for x in runs if x["launcher"] == launcher)
 
+    def paired(a: str, b: str) -> float:
+        """The median over rounds of a's tokens/s over b's in the same round: drifts in the machine's speed
+        between rounds cancel."""
+        return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x in runs if x["launcher"] == a
+                                 for y in runs if y["launcher"] == b and y["round"] == x["round"])
+
     added = med("ray", "startup_s") - med("inline", "startup_s")
     ratio = med("ray", "tokens_per_s") / med("inline", "tokens_per_s")
     print(f"\nconfigs/tiny.yaml, {args.steps} steps x {args.rounds} interleaved rounds, {os.cpu_count()} CPUs")
-    print(f"{'':22s}{'inline':>12s}{'supervised':>12s}")
+    print(f"{'':22s}" + "".join(f"{name:>12s}" for name in ("inline", "supervised", "baseline")[:len(arms)]))
     for key, label, fmt in (("startup_s", "start-up (s)", "{:12.2f}"), ("tokens_per_s", "tokens/s", "{:12,.0f}"),
                             ("wall_s", "wall (s)", "{:12.1f}")):
-        print(f"{label:22s}" + fmt.format(med("inline", key)) + fmt.format(med("ray", key)))
+        print(f"{label:22s}" + "".join(fmt.format(med(arm, key)) for arm in arms))
     print(f"start-up added: {added:.2f} s (target <= 5 s: {'PASS' if added <= 5 else 'FAIL'})")
-    print(f"tokens/s ratio: {ratio:.3f} (target >= 0.98: {'PASS' if ratio >= 0.98 else 'FAIL'})")
+    print(f"tokens/s ratio: {ratio:.3f} (target >= 0.98: {'PASS' if ratio >= 0.98 else 'FAIL'}); "
+          f"median of the rounds' own ratios {paired('ray', 'inline'):.3f}")
+    if args.baseline_tree:
+        print(f"baseline tree {args.baseline_tree}: supervised {paired('baseline', 'inline'):.3f}x inline; "
+              f"this tree's supervised run {paired('ray', 'baseline'):.3f}x the baseline's (medians of rounds)")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "launcher", "startup_s", "tokens_per_s", "wall_s"])
