@@ -6,6 +6,7 @@ supervision cost). A real embedded instance is started the way `keel train` star
 (this test's own process may hold another Ray), with one actor, as a one-process run has.
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,7 +38,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_embedded_ray_keeps_no_idle_worker_beside_the_run():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # embedded, not a cluster named outside
+    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=100)
     assert result.returncode == 0, result.stderr[-3000:]
     names = json.loads(result.stdout.splitlines()[-1])
     assert "raylet" in names and "ray::Rank" in names, names  # the instance and its actor are there
