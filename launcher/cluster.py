@@ -6,6 +6,7 @@ Connecting to a cluster uses the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -106,6 +107,33 @@ EMBEDDED_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_firs
                           "enable_metrics_collection": False, "event_stats": False}
 
 
+@contextlib.contextmanager
+def without_head_services():
+    """While it is held, a Ray head starts no autoscaler monitor and no headless API server.
+
+    Ray starts both for every head it brings up, and `ray.init` offers no way to leave them out. The embedded
+    instance is one machine running one job: nothing autoscales it, and nobody submits jobs to it or queries
+    its state API (`keel submit`, `status` and `chaos` talk to a cluster started with `ray start`). Left in,
+    they are on start-up's critical path: `ray.init` waits for the API server to register before it starts
+    the raylet, while the monitor's imports compete for the same cores. Measured on 2 cores (Ray 2.60, 4
+    alternating runs each): `connect` took 2.44 s without them against 3.94 s with them (benchmarks/
+    RESULTS.md, supervision cost). Ray is pinned (setup.py) and tests/test_embedded_ray.py checks that
+    the two are gone while the instance still runs actors and streams their output: a Ray that renames these
+    methods starts both again, and fails that test."""
+    from ray._private.node import Node
+
+    if not (hasattr(Node, "start_monitor") and hasattr(Node, "start_api_server")):
+        yield  # another Ray: start what it starts (and the test says so)
+        return
+    saved = Node.start_monitor, Node.start_api_server
+    Node.start_monitor = lambda self: None
+    Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        Node.start_monitor, Node.start_api_server = saved
+
+
 def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
             system_config: dict | None = None) -> Connection:
     """Join `address` (or RAY_ADDRESS); with neither, start a Ray instance on this machine only."""
@@ -156,9 +184,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     # (5.9 against 4.4, summed over Ray's processes; +0.6 s and +2.7 s wall in the two pairs timed before the
     # machine got busy), 11 processes (21 against 10) and ~145 MB of unique memory (~600 against ~450 MB):
     # over our 1 s budget for it.
-    context = ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
-                       _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-                       _system_config={**EMBEDDED_SYSTEM_CONFIG, **(system_config or {})}, **quiet)
+    with without_head_services():
+        context = ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+                           _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+                           _system_config={**EMBEDDED_SYSTEM_CONFIG, **(system_config or {})}, **quiet)
     return Connection(None, embedded=True, temp_dir=temp_dir if own_temp else None,
                       dashboard_url=http(context.dashboard_url))
 

@@ -26,13 +26,15 @@ SCRIPT = textwrap.dedent("""
     @ray.remote
     class Rank:
         def ping(self):
+            print("rank says hello", flush=True)
             return os.getpid()
 
     rank = Rank.remote()
     ray.get(rank.ping.remote())
     time.sleep(3)  # Ray starts the workers it keeps waiting for tasks right after a driver connects
     tree = psutil.Process().children(recursive=True)
-    print(json.dumps(sorted(p.name() for p in tree)))
+    print(json.dumps({"names": sorted(p.name() for p in tree),
+                      "scripts": sorted(os.path.basename(a) for p in tree for a in p.cmdline() if a.endswith(".py"))}))
     conn.close()
 """)
 
@@ -42,7 +44,13 @@ def test_the_embedded_ray_keeps_no_idle_worker_beside_the_run():
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=100)
     assert result.returncode == 0, result.stderr[-3000:]
-    names = json.loads(result.stdout.splitlines()[-1])
+    tree = json.loads(result.stdout.splitlines()[-1])
+    names, scripts = tree["names"], tree["scripts"]
     assert "raylet" in names and "ray::Rank" in names, names  # the instance and its actor are there
+    assert "rank says hello" in result.stdout + result.stderr  # the actor's output still reaches the driver
     # With Ray's defaults, one worker per CPU is started and kept waiting (ray::IDLE), 0.6% of a core each.
     assert not [n for n in names if n == "ray::IDLE"], names
+    # Nor does it start what a head serves a cluster with: the autoscaler's monitor and the job/state API
+    # server, both Python processes named for their script.
+    assert "monitor.py" not in scripts and "dashboard.py" not in scripts, scripts
+    assert "log_monitor.py" in scripts, scripts  # the psutil view does see Ray's Python processes
