@@ -49,6 +49,7 @@ setup(
         "pyyaml",
         "rich",
         "wandb",
+        "xxhash",  # checkpoint checksums (checkpoints/manifest.py); wandb needs it too
         "tokenizers",
         # `keel data prepare` reads Parquet and `datasets.save_to_disk` folders (Arrow) and .jsonl.zst.
         "pyarrow",

@@ -2,7 +2,7 @@
 and saving runs at >= 0.8x the disk's raw sequential write speed (keel save / dd, as throughputs).
 
 One process, a model of >= 100M parameters with its AdamW state (after one real training step), saved
-through keel's Checkpointer exactly as the training loop does (DCP shards + RNG + manifest with sha256
+through keel's Checkpointer exactly as the training loop does (DCP shards + RNG + manifest with XXH3-128
 checksums + atomic rename). Measured in one run, on one disk:
   sync save      time for save() with checkpoint.async_save=false (write, the writer's checksums, commit)
   async stall    time save() blocks with async_save=true (copy to CPU memory); the writing goes on behind

@@ -1,12 +1,11 @@
 """DCP's file writer, hashing every shard as it writes it: the manifest's checksums cost no second read.
 
 FileSystemWriter opens each shard through its `fs.create_stream` and writes it front to back (tensors by
-torch.save, in DCP's writer threads); the stream here feeds the same bytes to sha256 on their way to the
-file. hashlib releases the GIL on large buffers, so the writer threads hash side by side.
+torch.save, in DCP's writer threads); the stream here feeds the same bytes to the manifest's hash on their
+way to the file. The hash releases the GIL on large buffers, so the writer threads hash side by side.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +13,14 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from .manifest import CHECKSUM
+from .manifest import CHECKSUM, new_hash
 
 
 class _HashingFile:
     """A file opened for writing that hashes what passes through it. Only appends: DCP never seeks back."""
 
     def __init__(self, f):
-        self.f, self.hash, self.bytes = f, hashlib.new(CHECKSUM), 0
+        self.f, self.hash, self.bytes = f, new_hash(), 0
 
     def write(self, b) -> int:
         self.hash.update(b)

@@ -73,7 +73,7 @@ def _error(e: BaseException) -> str:
 @contextlib.contextmanager
 def _without_zip_crc32():
     """DCP stores each tensor with torch.save, whose zip container computes a CRC32 of every byte by
-    default; the manifest's sha256 already covers every byte, so the CRC only costs write time. Loading
+    default; the manifest's checksum already covers every byte, so the CRC only costs write time. Loading
     does not need it. The setting is process-wide: the training thread saves nothing meanwhile."""
     before = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)

@@ -5,9 +5,11 @@ with sizes and checksums, step, layout, versions) is written into it and the fol
 `step_XXXXXXX/` in one step. Only a renamed folder whose manifest reads and whose files match it is
 ever loaded, so a save interrupted at any point leaves the earlier checkpoints as they were.
 
-Checksums are computed by the rank that wrote each file, right after writing it (while it is still in the
-page cache), and checked at resume by all ranks, each re-reading its share: no single rank ever reads a
-whole checkpoint back.
+Checksums are computed by the rank that wrote each file, as it writes it, and checked at resume by all
+ranks, each re-reading its share: no single rank ever reads a whole checkpoint back. They guard against
+torn, truncated and bit-flipped files, not against an adversary, so the hash is XXH3-128 (xxhash, ~12 GB/s
+here) rather than sha256 (~1.6 GB/s): on 2 cores sha256 took 1.0 CPU-second of a 1.6 GB save. Manifests
+written before name sha256 and are still checked with it.
 """
 from __future__ import annotations
 
@@ -20,11 +22,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 NAME = re.compile(r"^step_(\d{7,})(\.tmp)?$")
-CHECKSUM = "sha256"
-# Files hashed at once: sha256 releases the GIL, so the writer's several shard files hash side by side.
+CHECKSUM = "xxh3_128"            # what new manifests record
+ALGORITHMS = (CHECKSUM, "sha256")  # what a manifest entry may name (sha256: keel before 2026-12-07)
+# Files hashed at once: both hashes release the GIL, so several shard files hash side by side.
 HASH_THREADS = 4
 
 
@@ -32,9 +37,21 @@ def folder_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def checksum(path: Path) -> str:
+def new_hash(algorithm: str = CHECKSUM):
+    return xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
+
+
+def checksum(path: Path, algorithm: str = CHECKSUM) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, CHECKSUM).hexdigest()
+        return hashlib.file_digest(f, lambda: new_hash(algorithm)).hexdigest()
+
+
+def algorithm_of(entry: dict) -> str:
+    """The hash a manifest entry's checksum was made with."""
+    for algorithm in ALGORITHMS:
+        if algorithm in entry:
+            return algorithm
+    raise KeyError(f"{entry.get('name')}: no checksum of a known kind ({', '.join(ALGORITHMS)})")
 
 
 def fsync_dir(path: Path) -> None:
@@ -125,9 +142,12 @@ def corrupted(path: Path, files: list[dict]) -> list[str]:
     """Which of the manifest entries `files` fail their checksum (or can no longer be read)."""
     def check(entry: dict) -> str | None:
         try:
-            if checksum(Path(path) / entry["name"]) == entry[CHECKSUM]:
+            algorithm = algorithm_of(entry)
+            if checksum(Path(path) / entry["name"], algorithm) == entry[algorithm]:
                 return None
-            return f"{entry['name']} fails its {CHECKSUM} checksum (corrupted)"
+            return f"{entry['name']} fails its {algorithm} checksum (corrupted)"
+        except KeyError as e:
+            return str(e).strip("'\"")
         except OSError as e:
             return f"{entry['name']} cannot be read ({e})"
 

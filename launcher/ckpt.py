@@ -107,7 +107,7 @@ def add_ckpt_parser(sub: argparse._SubParsersAction) -> None:
     p = ckpt.add_parser("verify", help="check every file of a checkpoint against its manifest; exit 1 if bad")
     p.add_argument("path", help="a checkpoint folder (…/checkpoints/step_0000100), or a run folder for all")
     p.add_argument("--deep", action="store_true",
-                   help="re-read every byte against its sha256 checksum (default: presence and sizes, instant)")
+                   help="re-read every byte against its checksum (default: presence and sizes, instant)")
     p.set_defaults(func=cmd_verify)
     p = ckpt.add_parser("export", help="consolidated weights: a Hugging Face Llama folder, or keel's own names")
     p.add_argument("path", metavar="CKPT", help="a committed checkpoint folder")

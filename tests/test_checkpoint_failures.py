@@ -93,7 +93,7 @@ def test_two_ranks_give_up_a_save_one_could_not_write_and_share_the_checksums(co
     resumed = ok(keel_train(tmp_path, "run", overrides, 2, corpus_dir))
     assert "resumed: step=10" in resumed.stdout
     (skipped,) = kinds(run, "checkpoint_skipped")
-    assert skipped["path"].endswith("step_0000030") and "__1_0.distcp fails its sha256" in skipped["reason"]
+    assert skipped["path"].endswith("step_0000030") and "__1_0.distcp fails its xxh3_128" in skipped["reason"]
 
 
 # Two ranks under torchrun saving a small state through the Checkpointer; rank 1's first copy to CPU memory

@@ -5,6 +5,7 @@ Runs are real training processes (`python -m keel.training`, under torchrun for 
 supervisor restarts them behind the test's back) killed with real SIGKILLs injected with `fault.inject`
 at exact steps.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -113,6 +114,16 @@ def test_corrupted_or_truncated_shard_fails_verify_and_is_skipped_at_resume(corp
     folder = tmp_path / "run" / "checkpoints"
     assert ckpt("verify", "--deep", tmp_path / "run").returncode == 0  # the checksums the writers made hold
 
+    # A checkpoint from before the switch to XXH3 names sha256 in its manifest: it is still checked with
+    # sha256, and still loaded (the resume below comes back to this step).
+    old = folder / "step_0000010"
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256((old / entry["name"]).read_bytes()).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert ckpt("verify", "--deep", old).returncode == 0
+
     shard = next((folder / "step_0000030").glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle of the weights
@@ -120,7 +131,7 @@ def test_corrupted_or_truncated_shard_fails_verify_and_is_skipped_at_resume(corp
     # Same size: the quick check (presence and sizes) cannot see it; --deep re-reads the bytes.
     assert ckpt("verify", folder / "step_0000030").returncode == 0
     result = ckpt("verify", "--deep", folder / "step_0000030")
-    assert result.returncode == 1 and f"{shard.name} fails its sha256 checksum (corrupted)" in result.stdout
+    assert result.returncode == 1 and f"{shard.name} fails its xxh3_128 checksum (corrupted)" in result.stdout
 
     other = next((folder / "step_0000020").glob("*.distcp"))
     with open(other, "r+b") as f:
@@ -132,7 +143,7 @@ def test_corrupted_or_truncated_shard_fails_verify_and_is_skipped_at_resume(corp
     assert "resumed: step=10" in resumed.stdout
     skipped = [e for e in events(tmp_path / "run") if e["kind"] == "checkpoint_skipped"]
     assert [Path(e["path"]).name for e in skipped] == ["step_0000030", "step_0000020"]
-    assert f"{shard.name} fails its sha256 checksum" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
+    assert f"{shard.name} fails its xxh3_128 checksum" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
 
 
 # -- resharding -------------------------------------------------------------------------------------------
@@ -173,7 +184,7 @@ def test_a_save_hashes_its_shards_as_it_writes_them_and_retention_hides_what_it_
     from keel.parallel.local import LocalEngine
 
     read_back, real_checksum = [], mf.checksum
-    monkeypatch.setattr(mf, "checksum", lambda path: read_back.append(Path(path).name) or real_checksum(path))
+    monkeypatch.setattr(mf, "checksum", lambda path, *a: read_back.append(Path(path).name) or real_checksum(path, *a))
     cfg = tiny_config("checkpoint.async_save=false", "checkpoint.keep_last=1")
     folder = Path(cfg.train.output_dir) / "ckpt"
     saver = Checkpointer(config_to_dict(cfg), folder, 0, 1, {})
