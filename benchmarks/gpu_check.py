@@ -5,11 +5,11 @@
     make gpu-check ARGS=--dry-run          # on a CPU: every stage's plumbing at tiny sizes (CI runs this)
 
 A GPU is lent to this project rarely and for minutes, on a bare machine (no ray, wandb, deepspeed or
-megatron-core; its own torch and triton). So this script assumes nothing of it: keel runs from this tree
-(nothing is installed), those four packages are made unimportable in every stage (on a CPU too, so the dry
-run proves nothing checked here needs them), and the stages run in order, each in a process of its own with
-its own time box, so that a CUDA fault or a hang in one costs only that stage. A stage that runs out of time
-keeps the rows it finished.
+megatron-core, nor xxhash; its own torch and triton). So this script assumes nothing of it: keel runs from
+this tree (nothing is installed), those five packages are made unimportable in every stage (on a CPU too, so
+the dry run proves nothing checked here needs them; checkpoints fall back to sha256 checksums), and the
+stages run in order, each in a process of its own with its own time box, so that a CUDA fault or a hang in
+one costs only that stage. A stage that runs out of time keeps the rows it finished.
 
   env         python, torch, triton, CUDA, the device, nvcc; two steps of `keel train --launcher inline`
   ceilings    a large bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s, bytes read + written)
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKED = ("ray", "wandb", "deepspeed", "megatron")
+BLOCKED = ("ray", "wandb", "deepspeed", "megatron", "xxhash")  # xxhash: checkpoints then hash with sha256
 # Run before a stage's own code: the packages the GPU machine lacks cannot be imported here either.
 PRELUDE = ("import sys, runpy\n"
            f"for name in {BLOCKED!r}:\n"
@@ -216,6 +216,7 @@ def stage_checkpoint(args) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from checkpoint import one_step, raw_write_seconds  # benchmarks/checkpoint.py, the CPU benchmark
     from keel.checkpoints.manager import Checkpointer
+    from keel.checkpoints.manifest import CHECKSUM
     from keel.parallel.local import LocalEngine
     from keel.training.config import config_to_dict, load_config
     from keel.training.flops import count_params
@@ -238,7 +239,7 @@ def stage_checkpoint(args) -> dict:
             save_s = time.perf_counter() - t0
             n_bytes = sum(p.stat().st_size for p in saver.last_committed.iterdir())
             dd_s = raw_write_seconds(folder, n_bytes)
-            row = {"repeat": repeat, "params": count_params(cfg.model).total, "bytes": n_bytes,
+            row = {"repeat": repeat, "params": count_params(cfg.model).total, "bytes": n_bytes, "checksum": CHECKSUM,
                    "save_s": round(save_s, 3), "dd_s": round(dd_s, 3), "save_gbps": round(n_bytes / save_s / 1e9, 3),
                    "dd_gbps": round(n_bytes / dd_s / 1e9, 3), "save_vs_dd": round(dd_s / save_s, 3)}
             print(row, flush=True)

@@ -8,8 +8,8 @@ ever loaded, so a save interrupted at any point leaves the earlier checkpoints a
 Checksums are computed by the rank that wrote each file, as it writes it, and checked at resume by all
 ranks, each re-reading its share: no single rank ever reads a whole checkpoint back. They guard against
 torn, truncated and bit-flipped files, not against an adversary, so the hash is XXH3-128 (xxhash, ~12 GB/s
-here) rather than sha256 (~1.6 GB/s): on 2 cores sha256 took 1.0 CPU-second of a 1.6 GB save. Manifests
-written before name sha256 and are still checked with it.
+here) rather than sha256 (~1.6 GB/s): on 2 cores sha256 took 1.0 CPU-second of a 1.6 GB save. Each entry
+names its hash, so manifests written before (sha256) are still checked with theirs.
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
+try:
+    import xxhash
+except ModuleNotFoundError:  # keel run from its tree on a bare machine (benchmarks/gpu_check.py): sha256
+    xxhash = None
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 NAME = re.compile(r"^step_(\d{7,})(\.tmp)?$")
-CHECKSUM = "xxh3_128"            # what new manifests record
-ALGORITHMS = (CHECKSUM, "sha256")  # what a manifest entry may name (sha256: keel before 2026-12-07)
+CHECKSUM = "xxh3_128" if xxhash is not None else "sha256"  # what new manifests record
+ALGORITHMS = ("xxh3_128", "sha256")  # what a manifest entry may name (sha256: keel before 2026-12-07)
 # Files hashed at once: both hashes release the GIL, so several shard files hash side by side.
 HASH_THREADS = 4
 
@@ -38,7 +41,11 @@ def folder_name(step: int) -> str:
 
 
 def new_hash(algorithm: str = CHECKSUM):
-    return xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
+    if algorithm != "xxh3_128":
+        return hashlib.new(algorithm)
+    if xxhash is None:
+        raise ModuleNotFoundError("this checkpoint's checksums are XXH3: pip install xxhash (a dependency of keel)")
+    return xxhash.xxh3_128()
 
 
 def checksum(path: Path, algorithm: str = CHECKSUM) -> str:

@@ -65,6 +65,7 @@ def test_every_kernel_comparison_and_step_variant_has_its_rows(dry_run):
     assert float(steps["keel eager"]["vs_bare"]) > 0 and float(steps["keel fused"]["tokens_per_s"]) > 0
     ckpt = list(csv.DictReader(open(out / "checkpoint.csv")))
     assert ckpt and all(r["restored_equal"] == "True" for r in ckpt)
+    assert all(r["checksum"] == "sha256" for r in ckpt)  # no xxhash there: the fallback is what ran
 
 
 def test_a_stage_cannot_import_what_the_gpu_machine_lacks(tmp_path, benchmark_script):
