@@ -43,6 +43,18 @@ def signature(lrs) -> np.ndarray:
     return area[np.ceil(np.arange(1, SIGNATURE + 1) / SIGNATURE * len(lr)).astype(int) - 1]
 
 
+def local_line(xs, y, x: float, bandwidth: float = BANDWIDTH):
+    """The value at `x` of a line through the points (xs, y), each weighted by a Gaussian kernel of `bandwidth`
+    about `x`; y may hold several columns, fitted at once. None when fewer than ~3 points are near enough."""
+    xs = np.asarray(xs, float)
+    w = np.exp(-0.5 * ((xs - x) / bandwidth) ** 2)
+    if w.sum() ** 2 / (w ** 2).sum() < 3:
+        return None
+    design = np.stack([np.ones_like(xs), xs - x], axis=1)
+    weighted = w.reshape(-1, *[1] * (np.ndim(y) - 1)) * np.asarray(y, float)
+    return np.linalg.solve(design.T @ (w[:, None] * design), design.T @ weighted)[0]
+
+
 @dataclass
 class CurveShapes:
     ratios: list[float]             # ln(D/N) of each ladder run
@@ -63,12 +75,8 @@ class CurveShapes:
         if at.min() < max(f[0] for f in self.fractions) - 0.01:  # before the ladder's first evals
             return None
         y = np.array([np.interp(at, f, v) for f, v in zip(self.fractions, self.log_losses)])
-        w = np.exp(-0.5 * ((xs - x) / self.bandwidth) ** 2)
-        if w.sum() ** 2 / (w ** 2).sum() < 3:  # fewer than ~3 runs near enough to lean on
-            return None
-        design = np.stack([np.ones_like(xs), xs - x], axis=1)
-        coef = np.linalg.solve(design.T @ (w[:, None] * design), design.T @ (w[:, None] * y))
-        return [float(v) for v in final * np.exp(coef[0])]
+        level = local_line(xs, y, x, self.bandwidth)
+        return None if level is None else [float(v) for v in final * np.exp(level)]
 
     def to_dict(self) -> dict:
         return to_plain(self)
