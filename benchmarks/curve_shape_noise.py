@@ -29,7 +29,7 @@ NEAR = 1.0                    # in ln(D/N): the runs the check's forecast leans 
 def one_ladder(folder: Path) -> dict:
     shapes = json.loads((folder / "fit.json").read_text())["curve_shapes"]
     check = next(r for r in yaml.safe_load((folder / "ladder.yaml").read_text())["rungs"] if r["role"] == "check")
-    rows = list(csv.DictReader(open(folder / "check.csv")))
+    rows = list(csv.DictReader((folder / "check.csv").read_text().splitlines()))
     at = np.array([float(r["step"]) for r in rows]) / check["steps"]
     observed = np.array([float(r["observed"]) for r in rows])
     xs, x_check = np.array(shapes["ratios"]), np.log(check["tokens"] / check["params"])

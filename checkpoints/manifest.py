@@ -53,12 +53,9 @@ def checksum(path: Path, algorithm: str = CHECKSUM) -> str:
         return hashlib.file_digest(f, lambda: new_hash(algorithm)).hexdigest()
 
 
-def algorithm_of(entry: dict) -> str:
-    """The hash a manifest entry's checksum was made with."""
-    for algorithm in ALGORITHMS:
-        if algorithm in entry:
-            return algorithm
-    raise KeyError(f"{entry.get('name')}: no checksum of a known kind ({', '.join(ALGORITHMS)})")
+def algorithm_of(entry: dict) -> str | None:
+    """The hash a manifest entry's checksum was made with; None when it names none that keel knows."""
+    return next((algorithm for algorithm in ALGORITHMS if algorithm in entry), None)
 
 
 def fsync_dir(path: Path) -> None:
@@ -150,11 +147,11 @@ def corrupted(path: Path, files: list[dict]) -> list[str]:
     def check(entry: dict) -> str | None:
         try:
             algorithm = algorithm_of(entry)
+            if algorithm is None:
+                return f"{entry['name']}: no checksum of a known kind ({', '.join(ALGORITHMS)})"
             if checksum(Path(path) / entry["name"], algorithm) == entry[algorithm]:
                 return None
             return f"{entry['name']} fails its {algorithm} checksum (corrupted)"
-        except KeyError as e:
-            return str(e).strip("'\"")
         except OSError as e:
             return f"{entry['name']} cannot be read ({e})"
 
