@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ DELETING = ".deleting"
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
 
 
-_GROUP = None
+_GROUP: tuple[weakref.ref, weakref.ref] | None = None  # (the default group, the checkpoint group)
 
 
 def checkpoint_group():
@@ -50,9 +51,14 @@ def checkpoint_group():
     process shares it; creating a group is a collective of its own)."""
     global _GROUP
     world = dist.group.WORLD
-    if _GROUP is None or _GROUP[0] is not world:  # none yet, or the process group was started anew
-        _GROUP = (world, dist.new_group(backend="gloo"))
-    return _GROUP[1]
+    cached = _GROUP[1]() if _GROUP is not None and _GROUP[0]() is world else None
+    if cached is None:  # none yet, or the process group was destroyed or started anew
+        cached = dist.new_group(backend="gloo")
+        # Weak references, so that destroy_process_group frees both groups and stops their gloo threads.
+        # Held here, they lived on into interpreter exit, where freeing gloo's work is what aborts a process
+        # in pytorch/pytorch#179291; two torchrun ranks of CI aborted so right after finishing cleanly.
+        _GROUP = (weakref.ref(world), weakref.ref(cached))
+    return cached
 
 
 def rng_file(rank: int) -> str:
@@ -263,6 +269,7 @@ class Checkpointer:
         self.wait()
         self._pool.shutdown()
         self._stager.close()
+        self.pg = None  # so that destroy_process_group frees the group (see checkpoint_group)
 
     def _retain(self) -> None:
         """Keep the newest keep_last, and every keep_every-th step; drop stale uncommitted folders."""

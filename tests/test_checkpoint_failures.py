@@ -152,6 +152,59 @@ def test_a_copy_to_cpu_memory_failing_on_one_rank_is_given_up_by_both_without_wa
     assert names(tmp_path / "checkpoints") == ["step_0000002"]
 
 
+# A process that saved through a Checkpointer and destroyed its process group keeps no gloo thread alive:
+# one left running into interpreter exit can abort a rank whose run had finished (torchrun then fails
+# the job). The module used to hold both groups, the default one included, for the life of the process.
+CLOSED_THEN_DESTROYED = """
+import gc, json, os, sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from keel.checkpoints.manager import Checkpointer
+from keel.training.config import config_to_dict, load_config
+
+
+def threads():
+    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+
+class Engine:
+    def state_dict(self):
+        return {"model": {f"w{rank}": torch.full((1000,), float(rank))}}
+
+
+cfg = load_config(None, ["checkpoint.async_save=true", "logging.wandb.mode=disabled"])
+ckpt = Checkpointer(config_to_dict(cfg), Path(sys.argv[1]), rank, 2, {})
+ckpt.save(1, Engine(), {"step": 1})
+ckpt.close()
+during = threads()
+dist.destroy_process_group()
+gc.collect()
+print(json.dumps({"rank": rank, "during": during, "after": threads()}))
+"""
+
+
+def test_destroying_the_process_group_after_checkpointing_stops_every_gloo_thread(tmp_path):
+    script = tmp_path / "save.py"
+    script.write_text(CLOSED_THEN_DESTROYED)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                             "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script),
+                             str(tmp_path / "checkpoints")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert sum("gloo" in name for name in r["during"]) >= 4  # two groups' threads: what must stop
+        assert [name for name in r["after"] if "gloo" in name] == [], r
+
+
 # -- settings that change the run are not resumed silently --------------------------------------------
 
 def test_resume_with_other_optimizer_or_batch_settings_is_refused_naming_each_until_accepted(tiny_config):
