@@ -14,7 +14,11 @@ With --baseline-tree DIR (another checkout of keel, say the commit before a chan
 trains supervised with that tree's code (imported through a `keel` link to it), so a change's effect is
 measured in the same run, interleaved with both.
 
-    python benchmarks/supervision.py [--steps 60] [--rounds 3] [--baseline-tree DIR]
+With --beside-ray, another run per round trains inline while a separate process holds an embedded Ray as
+keel starts one, with one actor that it polls as the supervisor polls a rank's: what Ray's presence alone
+costs, with no supervised path in the training process.
+
+    python benchmarks/supervision.py [--steps 60] [--rounds 3] [--baseline-tree DIR] [--beside-ray]
 """
 from __future__ import annotations
 
@@ -31,10 +35,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The process beside a "beside-ray" run: an embedded Ray and one idle actor, polled every POLL_S.
+HOLD_RAY = """
+import signal, sys, time
+import ray
+from keel.launcher.cluster import connect
+from keel.launcher.supervisor import POLL_S
+connect(None)
+signal.signal(signal.SIGTERM, lambda *_: (ray.shutdown(), sys.exit(0)))  # leaves nothing running behind it
+
+@ray.remote
+class Idle:
+    def heartbeat(self):
+        return []
+
+actor = Idle.remote()
+ray.get(actor.heartbeat.remote())
+print("ready", flush=True)
+while True:
+    time.sleep(POLL_S)
+    ray.get(actor.heartbeat.remote())
+"""
+
 
 def one_run(arm: str, out: Path, steps: int, tree: Path | None = None) -> dict:
-    """One run; `arm` is "inline", "ray" or "baseline" (supervised, with the code in `tree`)."""
-    launcher = "inline" if arm == "inline" else "ray"
+    """One run; `arm` is "inline", "ray", "baseline" (supervised, with the code in `tree`) or "beside-ray"
+    (inline, beside an embedded Ray that another process holds)."""
+    launcher = "ray" if arm in ("ray", "baseline") else "inline"
     sets = [f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1", "checkpoint.interval=0",
             f"train.output_dir={out}", f"train.name={arm}", "logging.progress=false",
             "logging.wandb.mode=disabled"]
@@ -48,8 +75,19 @@ def one_run(arm: str, out: Path, steps: int, tree: Path | None = None) -> dict:
         link.symlink_to(tree.resolve())
         env["PYTHONPATH"] = str(link.parent)
         cwd = tree
+    beside = None
+    if arm == "beside-ray":
+        beside = subprocess.Popen([sys.executable, "-c", HOLD_RAY], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  text=True)
+        if beside.stdout.readline().strip() != "ready":
+            raise SystemExit("the embedded Ray beside the run did not start")
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        if beside is not None:
+            beside.terminate()
+            beside.wait(timeout=60)
     wall = time.time() - t0
     if result.returncode:
         raise SystemExit(f"{arm} run failed:\n{result.stderr[-3000:]}")
@@ -67,9 +105,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-tree", type=Path, help="another keel checkout, run supervised as a third arm")
+    parser.add_argument("--beside-ray", action="store_true",
+                        help="also train inline beside an embedded Ray held by another process")
     parser.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "supervision.csv"))
     args = parser.parse_args()
-    arms = ("inline", "ray", "baseline") if args.baseline_tree else ("inline", "ray")
+    arms = ("inline", "ray") + ("baseline",) * bool(args.baseline_tree) + ("beside-ray",) * args.beside_ray
 
     runs = []
     for r in range(args.rounds):
@@ -92,7 +132,8 @@ def main() -> None:
     added = med("ray", "startup_s") - med("inline", "startup_s")
     ratio = med("ray", "tokens_per_s") / med("inline", "tokens_per_s")
     print(f"\nconfigs/tiny.yaml, {args.steps} steps x {args.rounds} interleaved rounds, {os.cpu_count()} CPUs")
-    print(f"{'':22s}" + "".join(f"{name:>12s}" for name in ("inline", "supervised", "baseline")[:len(arms)]))
+    names = {"inline": "inline", "ray": "supervised", "baseline": "baseline", "beside-ray": "beside Ray"}
+    print(f"{'':22s}" + "".join(f"{names[arm]:>12s}" for arm in arms))
     for key, label, fmt in (("startup_s", "start-up (s)", "{:12.2f}"), ("tokens_per_s", "tokens/s", "{:12,.0f}"),
                             ("wall_s", "wall (s)", "{:12.1f}")):
         print(f"{label:22s}" + "".join(fmt.format(med(arm, key)) for arm in arms))
@@ -102,6 +143,9 @@ def main() -> None:
     if args.baseline_tree:
         print(f"baseline tree {args.baseline_tree}: supervised {paired('baseline', 'inline'):.3f}x inline; "
               f"this tree's supervised run {paired('ray', 'baseline'):.3f}x the baseline's (medians of rounds)")
+    if args.beside_ray:
+        print(f"inline beside an embedded Ray: {paired('beside-ray', 'inline'):.3f}x inline; the supervised run "
+              f"{paired('ray', 'beside-ray'):.3f}x it (medians of rounds)")
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["round", "launcher", "startup_s", "tokens_per_s", "wall_s"])
