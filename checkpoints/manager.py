@@ -56,7 +56,7 @@ def checkpoint_group():
         cached = dist.new_group(backend="gloo")
         # Weak references, so that destroy_process_group frees both groups and stops their gloo threads.
         # Held here, they lived on into interpreter exit, where freeing gloo's work is what aborts a process
-        # in pytorch/pytorch#179291; two torchrun ranks of CI aborted so right after finishing cleanly.
+        # in pytorch/pytorch#179291 (in CI, two torchrun ranks aborted right after finishing cleanly).
         _GROUP = (weakref.ref(world), weakref.ref(cached))
     return cached
 
