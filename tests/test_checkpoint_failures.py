@@ -176,7 +176,13 @@ from keel.training.config import config_to_dict, load_config
 
 
 def threads():
-    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{t}/comm").read_text().strip())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return sorted(names)
 
 
 dist.init_process_group("gloo")
