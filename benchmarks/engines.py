@@ -30,12 +30,14 @@ ROWS = [
     ("native", "1 process", 1, []),
     ("native", "FSDP dp_shard=2", 2, ["parallel.dp_shard=2"]),
     ("native", "tp=2", 2, ["parallel.tp=2"]),
+    ("native", "pp=2 (1F1B)", 2, ["parallel.pp=2"]),
     ("deepspeed", "ZeRO-1, 2 ranks", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     ("deepspeed", "ZeRO-2, 2 ranks", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     ("deepspeed", "ZeRO-3, 2 ranks", 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
     ("megatron", "1 process", 1, ["parallel.engine=megatron"]),
     ("megatron", "dp=2", 2, ["parallel.engine=megatron", "parallel.dp_shard=2"]),
-    ("megatron", "tp=2", 2, ["parallel.engine=megatron", "parallel.tp=2"]),
+    ("megatron", "tp=2 (sequence parallel)", 2, ["parallel.engine=megatron", "parallel.tp=2"]),
+    ("megatron", "pp=2 (1F1B)", 2, ["parallel.engine=megatron", "parallel.pp=2"]),
 ]
 
 
@@ -60,7 +62,7 @@ def measure(steps: int, gpus: bool) -> list[dict]:
                "peak_mem_gb": max(r["peak_mem_gb"] for r in steps_)}
         row["vs_native_1"] = row["tokens_per_s"] / rows[0]["tokens_per_s"] if rows else 1.0
         rows.append(row)
-        print(f"{engine:<10} {layout:<17} {nproc} proc  {row['tokens_per_s']:>9,.0f} tok/s  "
+        print(f"{engine:<10} {layout:<25} {nproc} proc  {row['tokens_per_s']:>9,.0f} tok/s  "
               f"({row['vs_native_1']:.2f}x native, 1 process)  peak {row['peak_mem_gb']:.2f} GB")
     return rows
 

@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     """Every model tensor of the checkpoint at `path`, whole, on the CPU, by its canonical name, whichever
     engine wrote it: DCP shards (the native engines), DeepSpeed's ZeRO files, or megatron-core's file per
-    tensor-parallel rank."""
+    model-parallel rank."""
     engine = "native"
     if (path / mf.MANIFEST).exists():
         engine = mf.read_manifest(path)["config"]["parallel"].get("engine", "native")
@@ -60,10 +60,15 @@ def _megatron_model_state(path: Path) -> dict[str, torch.Tensor]:
     from ..parallel.megatron_layout import native_weights
 
     m = mf.read_manifest(path)["config"]["model"]
-    files = sorted(path.glob("megatron_tp*.pt"))
-    shards = [torch.load(f, map_location="cpu", weights_only=True)["model"] for f in files]
-    shards = [{k.removeprefix("gpt."): v for k, v in shard.items()} for shard in shards]
-    return native_weights(shards, m["n_layers"], m["n_heads"], m["n_kv_heads"] or m["n_heads"])
+    # megatron_tp{T}.pt, or megatron_tp{T}_pp{P}.pt per pipeline stage (its layers numbered as in the whole
+    # model): every stage of a tensor-parallel rank together make that rank's shard.
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for f in sorted(path.glob("megatron_tp*.pt")):
+        tp_rank = f.stem.removeprefix("megatron_tp").split("_pp")[0]
+        state = torch.load(f, map_location="cpu", weights_only=True)["model"]
+        shards.setdefault(tp_rank, {}).update({k.removeprefix("gpt."): v for k, v in state.items()})
+    return native_weights([shards[r] for r in sorted(shards)], m["n_layers"], m["n_heads"],
+                          m["n_kv_heads"] or m["n_heads"])
 
 
 def checked_manifest(path: Path) -> dict:

@@ -120,15 +120,17 @@ def check_native(cfg, dims: ParallelDims) -> None:
 
 
 def check_megatron(cfg, dims: ParallelDims) -> None:
-    """What the megatron-core engine (parallel/megatron.py) runs: tensor parallel x data parallel, with
-    megatron-core's own norms, RoPE, SwiGLU and vocabulary-parallel cross-entropy, and keel's attention."""
-    m, p = cfg.model, cfg.parallel
+    """What the megatron-core engine (parallel/megatron.py) runs: tensor (+ sequence) parallel x pipeline
+    parallel (megatron-core's 1F1B and interleaved schedules) x data parallel, with megatron-core's RoPE,
+    SwiGLU and vocabulary-parallel cross-entropy, and keel's attention and norms."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     refused = {
-        "parallel.pp > 1": dims.pp > 1,  # megatron-core's pipeline schedules are not wired in yet
         "parallel.dp_replicate > 1": dims.dp_replicate > 1,  # its data parallelism is one kind: use dp_shard
         "parallel.activation_checkpoint": p.activation_checkpoint != "none",
         "parallel.compile": p.compile,
         "model.z_loss": bool(m.z_loss),  # megatron-core's vocabulary-parallel cross-entropy has none
+        # Across stages megatron-core keeps a second copy of the embedding, synchronised through CUDA.
+        "model.tie_embeddings with parallel.pp > 1": m.tie_embeddings and dims.pp > 1,
         # Settings of keel's own kernels that megatron-core's layers replace: refused rather than ignored.
         "model.cross_entropy.impl": m.cross_entropy.impl != "unfused",
         "model.rmsnorm.impl": m.rmsnorm.impl != "auto",
@@ -138,5 +140,26 @@ def check_megatron(cfg, dims: ParallelDims) -> None:
     bad = [name for name, is_set in refused.items() if is_set]
     if bad:
         raise LayoutError(f"parallel.engine=megatron does not support {', '.join(bad)} yet (it runs tensor "
-                          f"parallel x data parallel, with megatron-core's norms, RoPE, SwiGLU and cross-entropy); "
-                          f"leave them at their defaults or use parallel.engine=native")
+                          f"parallel x pipeline parallel x data parallel, with megatron-core's RoPE, SwiGLU and "
+                          f"cross-entropy); leave them at their defaults or use parallel.engine=native")
+    if dims.tp > 1 and cfg.data.seq_len % dims.tp:
+        raise LayoutError(f"parallel.tp={dims.tp} does not divide data.seq_len={cfg.data.seq_len}; megatron-core's "
+                          f"sequence parallel gives each tensor-parallel rank an equal slice of the sequence")
+    if dims.pp > 1:
+        if p.pp_schedule not in ("1f1b", "interleaved_1f1b"):
+            raise LayoutError(f"parallel.pp_schedule={p.pp_schedule} is not one of megatron-core's schedules; set "
+                              f"parallel.pp_schedule=1f1b or interleaved_1f1b, or use parallel.engine=native")
+        if p.pp_schedule == "interleaved_1f1b" and p.pp_stages_per_rank < 2:
+            raise LayoutError("parallel.pp_schedule=interleaved_1f1b runs several stages on each rank; set "
+                              "parallel.pp_stages_per_rank >= 2, or parallel.pp_schedule=1f1b")
+        stages = dims.pp * p.pp_stages_per_rank
+        if m.n_layers % stages:
+            raise LayoutError(f"megatron-core splits model.n_layers={m.n_layers} evenly over {stages} pipeline "
+                              f"stages (parallel.pp={dims.pp} x pp_stages_per_rank={p.pp_stages_per_rank}); make "
+                              f"model.n_layers a multiple of {stages}")
+        micro = t.global_batch_size // dims.dp // t.micro_batch_size
+        if micro < dims.pp or (p.pp_stages_per_rank > 1 and micro % dims.pp):
+            need = "a multiple of" if p.pp_stages_per_rank > 1 else "at least"
+            raise LayoutError(f"the pipeline has {micro} micro-batches per step; megatron-core's "
+                              f"{p.pp_schedule} schedule needs {need} parallel.pp={dims.pp}: change "
+                              f"train.global_batch_size / (data-parallel degree x train.micro_batch_size)")

@@ -1,124 +1,36 @@
-"""The megatron-core engine (parallel.engine: megatron): the model is megatron-core's GPTModel, built from
-keel's model config with a layer spec, tensor parallel across parallel.tp ranks and data parallel across
-the rest, driven by keel's loop.
+"""The megatron-core engine (parallel.engine: megatron): the model is megatron-core's GPTModel (built by
+megatron_model.py), tensor parallel with sequence parallel across parallel.tp ranks, pipeline parallel across
+parallel.pp ranks under megatron-core's schedules (1F1B, or interleaved with parallel.pp_stages_per_rank
+stages per rank), and data parallel across the rest, driven by keel's loop.
 
 What megatron-core brings: its transformer layers and their tensor-parallel linears (column-parallel QKV
-and gate/up, row-parallel output projections), its RoPE, RMSNorm and SwiGLU, and its vocabulary-parallel
-embedding, output layer and cross-entropy (the logits stay split over the vocabulary). keel plugs its own
-attention kernels into the layer spec in place of megatron-core's `DotProductAttention` (an unfused
-softmax), so `model.attention.impl` means the same here as in the native model.
+and gate/up, row-parallel output projections, the sequence gathered and scattered around them), its RoPE and
+SwiGLU, its vocabulary-parallel embedding, output layer and cross-entropy (the logits stay split over the
+vocabulary), and its pipeline schedules and the sends and receives between stages.
 
 What keel keeps: the first weights (the native model's, converted to megatron-core's layout and cut into
-this rank's shard by megatron_layout.py, so a run starts where a one-process run starts), AdamW and its
-parameter groups, the learning-rate schedule, the micro-batch loop, gradient clipping by the global norm,
-the loss-spike policy and checkpoints (each tensor-parallel rank's state, one file per rank of the first
-replica, inside keel's atomic commit and manifest). Data parallel replicas average their gradients with one
-all-reduce per step.
+this rank's shard, so a run starts where a one-process run starts), attention and the norms (through the
+layer spec), AdamW and its parameter groups, the learning-rate schedule, the micro-batch loop when there is
+no pipeline, gradient clipping by the global norm, the loss-spike policy and checkpoints (each model-parallel
+rank's state, one file per rank of the first replica, inside keel's atomic commit and manifest). Data
+parallel replicas average their gradients with one all-reduce per step.
 
-Not built yet: pipeline parallel (megatron-core's schedules), activation recomputation and torch.compile
-(refused at config time, parallel/dims.py), sequence parallel, and megatron-core's distributed optimizer
-(its builder is CUDA-only). Written for GPUs too, but run only on CPUs so far.
+Not built: activation recomputation and torch.compile (refused at config time, parallel/dims.py), tied
+embeddings across pipeline stages, and megatron-core's distributed optimizer (its builder is CUDA-only).
+Written for GPUs too, but run only on CPUs so far.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from ..kernels.attention import attention
-from ..kernels.cross_entropy import IGNORE_INDEX
-from ..training.config import Config, ModelConfig
-from .dims import ParallelDims
+from ..training.config import Config
+from .dims import LayoutError, ParallelDims
 from .engine import Engine, OneOptimizer, adamw
-from .materialise import initial_values
-from .megatron_layout import megatron_weights, partition_dim
-
-# megatron-core warns about what keel chose for it: no Apex or Transformer Engine (once per module), the
-# async all-reduce's CUDA setting, deprecations of arguments keel leaves at their defaults (one per forward
-# of every linear). None of it is the user's to act on.
-warnings.filterwarnings("ignore", module=r"megatron\.")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import MegatronModule
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-
-def transformer_config(m: ModelConfig, tp: int) -> TransformerConfig:
-    """megatron-core's TransformerConfig for keel's Llama-style model: RMSNorm, SwiGLU, no biases, no
-    dropout, grouped-query attention, interleaved RoPE (keel rotates pairs (x0, x1), (x2, x3), ...)."""
-    return TransformerConfig(
-        num_layers=m.n_layers, hidden_size=m.dim, num_attention_heads=m.n_heads, num_query_groups=m.n_kv_heads,
-        kv_channels=m.head_dim, ffn_hidden_size=m.hidden_dim, normalization="RMSNorm", layernorm_epsilon=m.norm_eps,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=False,
-        hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=m.qk_norm, rotary_interleaved=True,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False,
-        # keel gives every weight its value (below); megatron-core's own initialisation would be thrown away.
-        perform_initialization=False, use_cpu_initialization=True, params_dtype=torch.float32,
-        # The fusions are Apex / Transformer Engine / CUDA kernels.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
-    )
-
-
-class KeelCoreAttention(MegatronModule):
-    """keel's attention kernels (kernels/attention.py) as megatron-core's core attention: takes and returns
-    what `DotProductAttention` does (q [T, B, H/tp, d], k and v [T, B, K/tp, d] -> [T, B, H/tp * d])."""
-
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, impl: str = "auto"):
-        super().__init__(config=config)
-        self.impl, self.softmax_scale = impl, softmax_scale
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("keel's core attention takes neither packed sequences nor an attention bias")
-        q_BHTd, k_BKTd, v_BKTd = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        o_BHTd = attention(q_BHTd, k_BKTd, v_BKTd, causal=True, impl=self.impl, scale=self.softmax_scale)
-        return o_BHTd.permute(2, 0, 1, 3).flatten(2)
-
-
-def layer_spec(m: ModelConfig) -> ModuleSpec:
-    """megatron-core's local (no Transformer Engine) layer spec, with keel's attention as its core."""
-    spec = get_gpt_layer_local_spec(qk_layernorm=m.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=KeelCoreAttention, params={"impl": m.attention.impl})
-    return spec
-
-
-class MegatronLM(nn.Module):
-    """GPTModel behind keel's model interface: tokens [B, T] -> logits [B, T, V], or with targets
-    (loss, cross-entropy) from megatron-core's vocabulary-parallel cross-entropy."""
-
-    def __init__(self, gpt: GPTModel, cfg: ModelConfig):
-        super().__init__()
-        self.gpt, self.cfg = gpt, cfg
-        self.register_buffer("positions", torch.arange(cfg.max_seq_len), persistent=False)
-
-    def forward(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor | None = None):
-        positions_BT = self.positions[: tokens_BT.shape[1]].expand_as(tokens_BT)
-        if targets_BT is None:
-            return self.gpt(tokens_BT, positions_BT, None, runtime_gather_output=True).float()
-        keep_BT = targets_BT != IGNORE_INDEX
-        per_token_BT = self.gpt(tokens_BT, positions_BT, None, labels=targets_BT.clamp(min=0))
-        ce = (per_token_BT * keep_BT).sum() / keep_BT.sum().clamp(min=1)
-        return ce, ce
-
-
-def native_shapes(m: ModelConfig) -> dict[str, torch.Size]:
-    from ..training.model import build_model
-
-    return {name: p.shape for name, p in build_model(m, device="meta").named_parameters()}
+from .megatron_model import (MegatronLM, build_stages, global_name, parallel_state, stage_loss,
+                             sums_over_tensor_parallel, tensor_parallel, transformer_config)
 
 
 class MegatronEngine(OneOptimizer, Engine):
@@ -132,7 +44,11 @@ class MegatronEngine(OneOptimizer, Engine):
                                     world_size=1)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp)
+        # Checked with the layout (dims.check_megatron): interleaved schedules run several stages per rank.
+        per_rank = cfg.parallel.pp_stages_per_rank if dims.pp > 1 else 1
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
+                                                 pipeline_model_parallel_size=dims.pp,
+                                                 virtual_pipeline_model_parallel_size=per_rank if per_rank > 1 else None)
         if device.type == "cpu":
             from . import megatron_cpu
 
@@ -140,33 +56,24 @@ class MegatronEngine(OneOptimizer, Engine):
         else:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
 
-        m = cfg.model
-        gpt = GPTModel(config=transformer_config(m, dims.tp), transformer_layer_spec=layer_spec(m),
-                       vocab_size=m.vocab_size, max_sequence_length=m.max_seq_len, position_embedding_type="rope",
-                       rotary_base=int(m.rope_theta), share_embeddings_and_output_weights=m.tie_embeddings,
-                       parallel_output=True)
-        value_of = initial_values(m, cfg.train.seed, "cpu")
-        native = {name: value_of(name, shape) for name, shape in native_shapes(m).items()}
-        weights = megatron_weights(native, m.n_layers, m.n_heads, m.n_kv_heads, dims.tp, self.tp_rank)
-        with torch.no_grad():
-            for name, param in gpt.named_parameters():
-                param.copy_(weights.pop(name))
-                if (dim := partition_dim(name)) is not None:
-                    # megatron-core marks its split weights only inside its own initialisation (skipped
-                    # here); its gradient-norm rule (and keel's) needs the mark to count each split once.
-                    tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
-        if weights:
-            raise RuntimeError(f"megatron-core's GPTModel has no parameters named {sorted(weights)}")
-        self.model = MegatronLM(gpt, m).to(device)
+        self.stages = build_stages(cfg.model, transformer_config(cfg.model, dims.tp, dims.pp, per_rank),
+                                   cfg.train.seed, self.tp_rank)
+        if dims.pp == 1:
+            self.model = MegatronLM(self.stages[0][0], cfg.model).to(device)
+        else:  # the schedule runs the stages itself; one module holds them for the optimizer and clipping
+            self.model = torch.nn.ModuleList([gpt for gpt, _ in self.stages]).to(device)
+        self.tp_summed = [p for gpt, _ in self.stages for name, p in gpt.named_parameters()
+                          if dims.tp > 1 and sums_over_tensor_parallel(name, p)]
         self.optimizer = adamw(self.model, cfg, device)
         self._boundary = False
 
-    # -- the micro-batch loop's hooks (parallel/engine.py) ------------------------------------------------
+    # -- the micro-batch loop's hooks (parallel/engine.py), when there is no pipeline ---------------------
     def score(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.compute_context():
             return self.model(inputs, targets)
@@ -176,31 +83,85 @@ class MegatronEngine(OneOptimizer, Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        if self._boundary and self.dp_size > 1:
-            # One flat all-reduce of every gradient: the replicas' mean, once per step.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-            for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(reduced.view_as(g))
+        if self._boundary:
+            self._reduce_grads()
 
     def global_mean(self, local_mean: torch.Tensor) -> float:
+        if self.dims.pp > 1:  # the last stage scored the batch
+            dist.broadcast(local_mean, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
         # Tensor-parallel ranks of one replica hold the same loss: the mean over replicas is the global one.
         if self.dp_size > 1:
             dist.all_reduce(local_mean, op=dist.ReduceOp.AVG, group=self.dp_group)
         return local_mean.item()
 
+    def _reduce_grads(self) -> None:
+        """Once per step, after the last backward: the tensor-parallel sums (norm gains that saw part of the
+        work), then the replicas' mean, each one flat all-reduce."""
+        if self.tp_summed:
+            _all_reduce([p.grad for p in self.tp_summed if p.grad is not None], dist.ReduceOp.SUM, self.tp_group)
+        if self.dp_size > 1:
+            _all_reduce([p.grad for p in self.model.parameters() if p.grad is not None], dist.ReduceOp.AVG,
+                        self.dp_group)
+
+    # -- pipeline parallel: megatron-core's schedule runs the micro-batches -----------------------------
+    def forward_backward(self, inputs_bT: torch.Tensor, targets_bT: torch.Tensor) -> float:
+        if self.dims.pp == 1:
+            return super().forward_backward(inputs_bT, targets_bT)
+        self.model.train()
+        local = self._run_schedule(inputs_bT, targets_bT, forward_only=False)
+        self._reduce_grads()
+        return self.global_mean(local)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs_bT: torch.Tensor, targets_bT: torch.Tensor) -> float:
+        if self.dims.pp == 1:
+            return super().eval_loss(inputs_bT, targets_bT)
+        self.model.eval()
+        return self.global_mean(self._run_schedule(inputs_bT, targets_bT, forward_only=True))
+
+    def _run_schedule(self, inputs_bT: torch.Tensor, targets_bT: torch.Tensor, forward_only: bool) -> torch.Tensor:
+        """This rank's part of the schedule over its micro-batches; the mean cross-entropy on the last stage
+        (zero elsewhere). The schedule divides each micro-batch's loss by their count before its backward."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        chunks = self.micro_batches(inputs_bT, targets_bT)
+        rows, length = chunks[0][0].shape
+        positions_BT = torch.arange(length, device=self.device).expand(rows, length)
+
+        def forward_step(data, gpt):
+            inputs, targets = next(data)
+            with self.compute_context():
+                out = gpt(inputs, positions_BT, None, labels=targets.clamp(min=0))
+
+            def loss(per_token_BT):  # called on the last stage only
+                loss_value, ce = stage_loss(per_token_BT, targets)
+                # A copy: the schedule divides the loss it is handed in place.
+                return loss_value, {"ce": ce.detach().clone()}
+            return out, loss
+
+        stages = [gpt for gpt, _ in self.stages]
+        # An interleaved schedule reads the micro-batches once per stage it runs.
+        data = [iter(chunks) for _ in stages] if len(stages) > 1 else iter(chunks)
+        reduced = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=stages,
+                                              num_microbatches=len(chunks), seq_length=length,
+                                              micro_batch_size=rows, forward_only=forward_only)
+        if not parallel_state.is_pipeline_last_stage():
+            return torch.zeros((), device=self.device)
+        return torch.stack([r["ce"] for r in reduced]).mean()
+
     # -- the rest of the interface ----------------------------------------------------------------------
     def clip_grad_norm(self, max_norm: float) -> float:
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        # A weight every tensor-parallel rank holds whole (the norms) counts once, on tp rank 0.
+        # A weight every tensor-parallel rank holds whole (the norms) counts once, on tp rank 0; each
+        # pipeline stage counts its own weights.
         grads = [p.grad for p in self.model.parameters()
                  if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, self.tp_group)]
         squares = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else \
             torch.zeros((), device=self.device)
-        if self.dims.tp > 1:
-            dist.all_reduce(squares, group=self.tp_group)
+        if self.dims.tp * self.dims.pp > 1:
+            dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
         norm = squares.sqrt()
         if max_norm > 0:
             # torch.nn.utils.clip_grad_norm_'s rule, so that clipped steps match the native engines'.
@@ -210,24 +171,43 @@ class MegatronEngine(OneOptimizer, Engine):
                     p.grad.mul_(coef)
         return norm.item()
 
-    # -- checkpoints: one file per tensor-parallel rank, inside keel's atomic commit and manifest --------
+    # -- checkpoints: one file per model-parallel rank, inside keel's atomic commit and manifest ---------
     native_checkpoint = True
 
     def _file(self) -> str:
-        return f"megatron_tp{self.tp_rank:03d}.pt"
+        pipeline = f"_pp{self.pp_rank:03d}" if self.dims.pp > 1 else ""
+        return f"megatron_tp{self.tp_rank:03d}{pipeline}.pt"
+
+    def _layout(self) -> dict[str, int]:
+        return {"tp": self.dims.tp, "pp": self.dims.pp, "pp_stages_per_rank": len(self.stages)}
 
     def save_native(self, folder: Path) -> list[str]:
-        """Every rank, together: the first replica's ranks each write their shard of the model and of the
-        optimizer state (the other replicas hold the same). Returns the names this rank wrote."""
+        """Every rank, together: the first replica's ranks each write their shard of the model (its layers
+        numbered as in the whole model) and of the optimizer state (the other replicas hold the same).
+        Returns the names this rank wrote."""
         if self.dp_rank != 0:
             return []
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+        model = {f"gpt.{global_name(name, offset)}": t for gpt, offset in self.stages
+                 for name, t in gpt.state_dict().items()}
+        torch.save({"model": model, "optimizer": self.optimizer.state_dict(), "layout": self._layout()},
                    folder / self._file())
         return [self._file()]
 
     def load_native(self, folder: Path) -> None:
-        state = torch.load(folder / self._file(), map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        # The checkpoint manager checked the world size; the shards fit only the layout that wrote them.
+        path = folder / self._file()
+        if not path.is_file():  # another layout's files: read which (only on this path to an error)
+            path = next(iter(sorted(folder.glob("megatron_tp*.pt"))), path)
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = state.get("layout")
+        if saved != self._layout() or path.name != self._file():
+            said = ", ".join(f"{k}={v}" for k, v in saved.items()) if saved else "another layout"
+            raise LayoutError(f"checkpoint {folder} was saved with {said} and this run has "
+                              f"{', '.join(f'{k}={v}' for k, v in self._layout().items())}; the megatron-core engine "
+                              f"resumes with the parallel.tp, parallel.pp and parallel.pp_stages_per_rank it saved with")
+        for gpt, offset in self.stages:
+            gpt.load_state_dict({name: state["model"][f"gpt.{global_name(name, offset)}"]
+                                 for name in gpt.state_dict()})
         self.optimizer.load_state_dict(state["optimizer"])
 
     def state_dict(self) -> dict:
@@ -235,3 +215,13 @@ class MegatronEngine(OneOptimizer, Engine):
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError("the megatron-core engine checkpoints through save_native / load_native")
+
+
+def _all_reduce(grads: list[torch.Tensor], op, group) -> None:
+    """One flat all-reduce of `grads`, written back in place."""
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, op=op, group=group)
+    for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(reduced.view_as(g))

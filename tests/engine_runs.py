@@ -59,13 +59,17 @@ def one_process_run(corpus_dir: Path, out: Path, *overrides: str, name: str = "r
 
 
 def assert_same_steps(got_dir: Path, want_dir: Path, steps: int, rel: float = 1e-4) -> None:
-    """Every step's loss and gradient norm (the last record of each step, after any replay) match."""
+    """Every step's loss and gradient norm (the last record of each step, after any replay) match, and so
+    does the held-out loss of the evaluation at the last step."""
     got = {r["step"]: r for r in records(got_dir, "step")}
     want = {r["step"]: r for r in records(want_dir, "step")}
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for s in range(1, steps + 1):
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=rel), s
         assert got[s]["grad_norm"] == pytest.approx(want[s]["grad_norm"], rel=rel), s
+    got_eval, want_eval = records(got_dir, "eval")[-1], records(want_dir, "eval")[-1]
+    assert got_eval["step"] == want_eval["step"] == steps
+    assert got_eval["val_loss"] == pytest.approx(want_eval["val_loss"], rel=rel)
 
 
 def assert_rolled_back_as_one_process(run_dir: Path, reference: Path) -> None:

@@ -107,8 +107,8 @@ def test_impossible_layouts_fail_before_any_model_is_built():
         layout(4, "train.micro_batch_size=8")
     with pytest.raises(LayoutError, match=r"tie_embeddings .* cannot be combined with parallel.tp > 1"):
         layout(2, "parallel.tp=2", "model.tie_embeddings=true")
-    with pytest.raises(LayoutError, match=r"parallel.engine=megatron does not support parallel.pp > 1 yet"):
-        layout(2, "parallel.engine=megatron", "parallel.pp=2")
+    with pytest.raises(LayoutError, match=r"parallel.pp_schedule=gpipe is not one of megatron-core's schedules"):
+        layout(2, "parallel.engine=megatron", "parallel.pp=2", "parallel.pp_schedule=gpipe")
     with pytest.raises(LayoutError, match=r"parallel.engine=deepspeed is data parallel only .* set parallel.tp=1"):
         layout(2, "parallel.engine=deepspeed", "parallel.tp=2")
     with pytest.raises(LayoutError, match=r"parallel.compile=true with parallel.tp > 1 fails .* set parallel.compile=false"):
