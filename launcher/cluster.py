@@ -90,11 +90,37 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                             f"`ray start --head` (launcher/examples/) or fix --address / RAY_ADDRESS") from None
 
 
+# Where free_port looks: below the kernel's ephemeral range (Linux: 32768-60999 by default) and above Ray's
+# worker ports (10002-19999). A port the kernel handed out for "any free port" is free only until the next
+# process asks: gloo's pairs, Ray's workers and every client socket draw from the ephemeral range, and one of
+# them took a rendezvous port between its choice and rank 0's bind (CI, two test workers at once:
+# "cannot bind the rendezvous store ... Address already in use"). Nothing takes a port from below it unasked.
+PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA dynamic range's start
+        return 49152
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now: found by binding there, and no wider (never on every interface)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free on `host` now, outside the range the kernel hands out for ephemeral ports: found by
+    binding there, and no wider (never on every interface)."""
+    import random
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    top = _ephemeral_floor()
+    candidates = random.sample(range(PORT_FLOOR, top), min(64, top - PORT_FLOOR)) if top > PORT_FLOOR else []
+    for port in [*candidates, 0]:  # 0: the kernel's choice, when the range below is full or absent
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise LauncherError(f"no free TCP port on {host}")
 
 
 # The embedded instance serves one run on this machine: nothing scrapes its metrics, and nothing waits for a

@@ -129,7 +129,8 @@ def check_megatron(cfg, dims: ParallelDims) -> None:
         "parallel.activation_checkpoint": p.activation_checkpoint != "none",
         "parallel.compile": p.compile,
         "model.z_loss": bool(m.z_loss),  # megatron-core's vocabulary-parallel cross-entropy has none
-        # Across stages megatron-core keeps a second copy of the embedding, synchronised through CUDA.
+        # Across stages megatron-core keeps a second copy of the embedding on the last stage, which keel does
+        # not yet keep in step with the first (and megatron-core makes it with .cuda()).
         "model.tie_embeddings with parallel.pp > 1": m.tie_embeddings and dims.pp > 1,
         # Settings of keel's own kernels that megatron-core's layers replace: refused rather than ignored.
         "model.cross_entropy.impl": m.cross_entropy.impl != "unfused",

@@ -4,7 +4,8 @@ CPU-only machines), and nothing else: used by parallel/megatron.py only when the
 megatron-core 0.16 allocates some buffers on "the current CUDA device" (its global memory buffer, RoPE
 frequencies, the tensor-parallel all-gather buffers, the pipeline's receive buffers), its pipeline schedules
 count tokens in a tensor made with `device="cuda"`, and it forks a CUDA RNG tracker around its dropouts; all
-fail without CUDA (measured: ../shared/PLATFORM.md, "megatron-core on CPU").
+fail without CUDA (measured: ../shared/PLATFORM.md, "megatron-core on CPU"; the schedules' token count by
+tests/test_megatron.py's pipeline runs).
 """
 from __future__ import annotations
 

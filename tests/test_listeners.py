@@ -85,3 +85,19 @@ def test_local_two_rank_run_listens_on_loopback_only(corpus_dir, tiny_overrides,
     assert not wide, f"listening beyond loopback: {wide}"
     print(f"{len(seen)} new listeners, all on loopback:", *(f"{ip}:{port} {who}" for (ip, port), who in seen.items()),
           sep="\n  ")
+
+
+def test_the_rendezvous_port_is_chosen_where_the_kernel_hands_out_no_ports_of_its_own():
+    # A port taken from the kernel's ephemeral range is free only until the next process asks for any port
+    # (gloo's pairs, Ray's workers, client sockets): in CI one did between the launcher's choice and rank 0's
+    # bind. Below that range, and above Ray's worker ports, nothing takes it unasked.
+    from keel.launcher.cluster import PORT_FLOOR, free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port("127.0.0.1") for _ in range(20)]
+    assert all(PORT_FLOOR <= p < low for p in ports), (ports, low)
+    assert len(set(ports)) > 1  # drawn at random: two launches at once rarely pick the same one
+    import socket
+
+    with socket.socket() as s:  # and it is free: rank 0 binds it
+        s.bind(("127.0.0.1", ports[-1]))
