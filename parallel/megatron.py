@@ -36,6 +36,11 @@ from .megatron_model import (MegatronLM, build_stages, global_name, parallel_sta
 class MegatronEngine(OneOptimizer, Engine):
     def __init__(self, cfg: Config, device: torch.device, dims: ParallelDims):
         self.cfg, self.device, self.dims = cfg, device, dims
+        if device.type == "cpu" and cfg.train.precision != "fp32":
+            # Measured with megatron-core 0.16.1: its linear layers re-enter the forward's autocast in their
+            # backward for CUDA alone, and its sequence-parallel gathers keep the input's dtype.
+            raise LayoutError(f"parallel.engine=megatron trains in fp32 on a CPU (megatron-core's layers apply "
+                              f"autocast on CUDA only); set train.precision=fp32, or train on GPUs")
         if not dist.is_initialized():
             # A one-process run (the launcher starts no process group for it): megatron-core's parallel
             # state is built on torch.distributed groups all the same. A HashStore needs no port. The loop

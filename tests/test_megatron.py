@@ -172,6 +172,16 @@ def test_a_pipeline_megatron_core_cannot_schedule_is_refused_saying_what_to_chan
         check_layout(cfg, ParallelDims.of(cfg.parallel, 2))
 
 
+def test_reduced_precision_on_a_cpu_is_refused_before_anything_is_built(tiny_config):
+    # megatron-core's linear layers replay autocast in their backward on CUDA only: on a CPU the first bf16
+    # backward multiplies a bf16 gradient by an fp32 weight.
+    from keel.training.loop import train
+
+    with pytest.raises(LayoutError, match=r"^parallel.engine=megatron trains in fp32 on a CPU .* set "
+                                          r"train.precision=fp32, or train on GPUs$"):
+        train(tiny_config(MEGATRON, "train.precision=bf16"))
+
+
 def test_sequence_parallel_needs_a_sequence_that_splits_evenly_over_the_tensor_parallel_ranks(tiny_config):
     cfg = tiny_config(MEGATRON, "parallel.tp=2", "data.seq_len=31")
     with pytest.raises(LayoutError, match=r"parallel.tp=2 does not divide data.seq_len=31; megatron-core's sequence "
