@@ -51,9 +51,9 @@ class MegatronEngine(OneOptimizer, Engine):
             parallel_state.destroy_model_parallel()
         # Checked with the layout (dims.check_megatron): interleaved schedules run several stages per rank.
         per_rank = cfg.parallel.pp_stages_per_rank if dims.pp > 1 else 1
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
-                                                 pipeline_model_parallel_size=dims.pp,
-                                                 virtual_pipeline_model_parallel_size=per_rank if per_rank > 1 else None)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
+            virtual_pipeline_model_parallel_size=per_rank if per_rank > 1 else None)
         if device.type == "cpu":
             from . import megatron_cpu
 
@@ -207,9 +207,10 @@ class MegatronEngine(OneOptimizer, Engine):
         saved = state.get("layout")
         if saved != self._layout() or path.name != self._file():
             said = ", ".join(f"{k}={v}" for k, v in saved.items()) if saved else "another layout"
-            raise LayoutError(f"checkpoint {folder} was saved with {said} and this run has "
-                              f"{', '.join(f'{k}={v}' for k, v in self._layout().items())}; the megatron-core engine "
-                              f"resumes with the parallel.tp, parallel.pp and parallel.pp_stages_per_rank it saved with")
+            now = ", ".join(f"{k}={v}" for k, v in self._layout().items())
+            raise LayoutError(f"checkpoint {folder} was saved with {said} and this run has {now}; the megatron-core "
+                              f"engine resumes with the parallel.tp, parallel.pp and parallel.pp_stages_per_rank it "
+                              f"saved with")
         for gpt, offset in self.stages:
             gpt.load_state_dict({name: state["model"][f"gpt.{global_name(name, offset)}"]
                                  for name in gpt.state_dict()})

@@ -14,9 +14,9 @@ import sys
 import megatron.core  # noqa: F401 - a dependency `make test` installs: a broken install must fail, not skip
 import pytest
 import torch
-from engine_runs import (COMMON, KILLED, ROLLBACK, ROOT, TINY_YAML, UNINTERRUPTED, anomalies, assert_exports_the_weights_of,
-                         assert_resumed_as_uninterrupted, assert_rolled_back_as_one_process, assert_same_steps,
-                         events, keel_train, one_process_run)
+from engine_runs import (COMMON, KILLED, ROLLBACK, ROOT, TINY_YAML, UNINTERRUPTED, anomalies,
+                         assert_exports_the_weights_of, assert_resumed_as_uninterrupted,
+                         assert_rolled_back_as_one_process, assert_same_steps, events, keel_train, one_process_run)
 
 from keel.parallel.dims import LayoutError, ParallelDims, check_layout
 from keel.parallel.megatron_layout import megatron_weights, native_weights
