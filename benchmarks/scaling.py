@@ -5,6 +5,7 @@
     python benchmarks/scaling.py --quick    # 9 runs over 2e10..2e11, check at 2e12 (a few minutes)
     python benchmarks/scaling.py --tasks    # every run also scored on next-line completion; the check run's
                                             # answer NLL and pass rate forecast too (tasks.csv)
+    python benchmarks/scaling.py --check-seeds 3  # the check run under seeds 0, 1 and 2 (check_seeds.csv)
 
 Models this small are far from Chinchilla's regime: their output layer and attention are most of their
 FLOPs, and their compute-optimal run sees more tokens per parameter (70-150 per non-embedding parameter at
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,11 +41,16 @@ def main() -> None:
                          "run's answer NLL and pass rate too (writes tasks.csv)")
     ap.add_argument("--eval-sequences", type=int, default=512,
                     help="held-out sequences every run is scored on (ladders A-E of RESULTS.md used 64)")
+    ap.add_argument("--check-seeds", type=int, default=1,
+                    help="train the check run under this many seeds (0, 1, ...), after the forecast, and set the "
+                    "forecast beside each run and beside their mean curve: a run's seed alone moves its early evals "
+                    "by 1-3%%")
     args = ap.parse_args()
 
     from keel.launcher.raylaunch import train_on_ray
     from keel.scaling.fit import fit_points
-    from keel.scaling.forecast import compare, forecast_for, task_lines, write_forecast
+    from keel.scaling.forecast import (compare, compare_seeds, forecast_for, seed_lines, task_lines,
+                                       write_forecast, write_seeds_csv)
     from keel.scaling.plan import parse_budgets, plan
     from keel.scaling.points import load_points
     from keel.scaling.report import write_report
@@ -58,10 +65,14 @@ def main() -> None:
     ladder = plan(str(ROOT / "configs" / "tiny.yaml"), base, parse_budgets(budgets), sizes=sizes,
                   output_dir=str(out / "runs"), target_flops=1e15, tokens_per_param=100,
                   eval_sequences=args.eval_sequences)
-    out.mkdir(parents=True, exist_ok=True)
-    ladder.save(out / "ladder.yaml")
     fitted = [r for r in ladder.rungs if r.role == "ladder"]
     check = next(r for r in ladder.rungs if r.role == "check")
+    # The check run again under other seeds: neither fitted nor the check run (their own role).
+    repeats = [dataclasses.replace(check, name=f"{check.name}-seed{s}", role="check-seed", seed=s)
+               for s in range(1, args.check_seeds)]
+    ladder.rungs += repeats
+    out.mkdir(parents=True, exist_ok=True)
+    ladder.save(out / "ladder.yaml")
     print(f"ladder: {len(fitted)} runs over {budgets} FLOPs ({sum(r.flops for r in fitted):.3g} in all); check run "
           f"{check.name}: N {check.params}, D {check.tokens}, {check.flops:.3g} FLOPs", flush=True)
 
@@ -102,8 +113,21 @@ def main() -> None:
           f"{100 * result['worst_curve_error']:.2f}% off ({len(result['curve'])} evals)")
     for line in task_lines(result):
         print(f"check run's tasks, {line}")
+    t3 = time.perf_counter()
+    if repeats:
+        failed = [k for k, v in run_ladder(ladder, ("check-seed",), parallel=args.parallel).items()
+                  if v.startswith("failed")]
+        if failed:
+            sys.exit(f"check runs under other seeds failed: {failed}")
+        seeds = [0, *(r.seed for r in repeats)]
+        by_seed = compare_seeds(forecast, [read_record(out / "runs" / r.name) for r in (check, *repeats)])
+        for line in seed_lines(by_seed, seeds):
+            print(f"check run, {line}")
+        write_seeds_csv(by_seed, seeds, out / "check_seeds.csv")
+    seeds_s = time.perf_counter() - t3
     print(f"wall: ladder {ladder_s:.0f} s, fit {fit_s:.1f} s, check run {check_s:.0f} s, total "
-          f"{ladder_s + fit_s + check_s:.0f} s; the check run used {check.flops / sum(x.flops for x in fitted):.1f}x the "
+          f"{ladder_s + fit_s + check_s:.0f} s{f' (and {seeds_s:.0f} s for the other seeds)' if repeats else ''}; "
+          f"the check run used {check.flops / sum(x.flops for x in fitted):.1f}x the "
           f"ladder's compute")
     write_report(fit, out / "report", runs=[str(out / "ladder.yaml")], target_flops=check.flops * 3,
                  check=str(out / "runs" / check.name))

@@ -2,10 +2,13 @@
 
 Each seed changes the initial weights and the order of the training data; every run is scored on the same
 held-out sequences (the ladder's). The spread of the final eval losses is the noise any single check run
-carries, against which a forecast's error can be read.
+carries, against which a forecast's error can be read. With the ladder's fit.json beside it (or --fit), each
+run's whole eval curve is also set beside the forecast made from that fit, and so is the seeds' mean curve.
 
     python benchmarks/scaling_seeds.py benchmarks/results/scaling/2e10_3e11_5/ladder.yaml --seeds 0 1 2
     python benchmarks/scaling_seeds.py LADDER --seeds 0 1 2 --eval-sequences 512   # another held-out set
+    python benchmarks/scaling_seeds.py benchmarks/results/scaling/4.5e10_1e12_5_tasks/ladder.yaml \
+        --out benchmarks/results/scaling_seeds/R     # + the curves against its fit.json
 
 Runs `--parallel` at once (default 2, one CPU thread each), without supervision (`--launcher inline`: the
 same training, none of Ray's start-up), under --out; prints and writes seeds.csv there.
@@ -31,9 +34,14 @@ def main() -> None:
                     help="score on this many held-out sequences instead of the ladder's")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling_seeds"))
+    ap.add_argument("--fit", default=None, help="the fit to forecast the check run's curve with (default: the "
+                    "fit.json beside the ladder, if there is one)")
     args = ap.parse_args()
 
+    from keel.scaling.fit import ScalingFit
+    from keel.scaling.forecast import compare_seeds, forecast_for, seed_lines, write_seeds_csv
     from keel.scaling.plan import Ladder
+    from keel.training.record import read_record
 
     ladder = Ladder.load(args.ladder)
     check = next(r for r in ladder.rungs if r.role == "check")
@@ -47,7 +55,7 @@ def main() -> None:
 
     base = ladder.base
     if base and not Path(base).exists():  # a ladder planned in another checkout: this one's copy of its config
-        base = str(ROOT / "configs" / Path(base).name)
+        base = ladder.base = str(ROOT / "configs" / Path(base).name)
 
     def command(seed: int) -> list[str]:
         overrides = [*ladder.run_overrides(check), f"train.output_dir={out}",
@@ -77,6 +85,17 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    fit = Path(args.fit) if args.fit else Path(args.ladder).parent / "fit.json"
+    if fit.is_file():
+        forecast = forecast_for(ScalingFit.load(fit), ladder.config(check), str(fit))
+        records = [read_record(out / f"{check.name}-eval{sequences}-seed{s}") for s in args.seeds]
+        result = compare_seeds(forecast, records)
+        print(f"against the forecast from {fit} ({forecast['final']['method']} law, the curve from the "
+              f"{forecast['curve_from']}):")
+        for line in seed_lines(result, args.seeds):
+            print(line)
+        path = write_seeds_csv(result, args.seeds, out / f"{check.name}-eval{sequences}-curves.csv")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

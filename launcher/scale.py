@@ -134,11 +134,12 @@ def cmd_check(args) -> None:
     result = compare(forecast_for(ScalingFit.load(args.fit), cfg, args.fit), record)
     for row in result["curve"]:
         print(f"step {row['step']:>6}: predicted {row['predicted']:.4f} [{row['lo']:.4f}, {row['hi']:.4f}], observed "
-              f"{row['observed']:.4f} ({100 * row['error']:+.2f}%)")
+              f"{row['observed']:.4f} ({100 * row['error']:+.2f}%{'' if row['inside'] else ', OUTSIDE'})")
     f = result["final"]
     print(f"final: predicted {f['predicted']:.4f} [{f['lo']:.4f}, {f['hi']:.4f}], observed {f['observed']:.4f} "
           f"({100 * f['error']:+.2f}%, {'inside' if f['inside'] else 'OUTSIDE'} the 80% interval)"
-          + (f"; worst eval {100 * result['worst_curve_error']:.2f}% off" if result["curve"] else ""))
+          + (f"; worst eval {100 * result['worst_curve_error']:.2f}% off, {result['curve_inside']} of "
+             f"{len(result['curve'])} evals inside their intervals" if result["curve"] else ""))
     for line in task_lines(result):
         print(f"tasks, {line}")
 

@@ -17,6 +17,10 @@ of BANDWIDTH in ln D/N, a line), and the curve ends at the scaling law's final f
 It applies only to a run whose schedule has the ladder's shape (the same warmup fraction, decay and floor,
 at any peak learning rate and length) and whose D/N and eval fractions the ladder covers; predict() says
 None otherwise, and the curve law takes over.
+
+No shape says where one run will be: the same check run under three seeds stood 1-3% apart at its early
+evals. scatter() reads that spread off the ladder's own runs (each predicted from the others), and the
+forecast's interval along the curve carries it.
 """
 from __future__ import annotations
 
@@ -63,9 +67,9 @@ class CurveShapes:
     schedule: list[float]           # the ladder's schedule shape (signature())
     bandwidth: float = BANDWIDTH
 
-    def predict(self, lrs, tokens: float, n_params: float, steps, final: float) -> list[float] | None:
-        """The loss after each of `steps` (steps completed) of a run of `n_params` over `tokens` with the
-        schedule `lrs`, ending at `final`; None where the ladder's runs do not cover it."""
+    def _covered(self, lrs, tokens: float, n_params: float, steps):
+        """(ln D/N of the run, ln D/N of each ladder run, each ladder run's ln L/L(1) at the run's eval
+        fractions), or None where the ladder's runs do not cover the run."""
         if np.max(np.abs(signature(lrs) - np.asarray(self.schedule))) > SCHEDULE_TOLERANCE:
             return None
         x, xs = np.log(tokens / n_params), np.asarray(self.ratios)
@@ -74,9 +78,36 @@ class CurveShapes:
         at = np.asarray(steps, float) / len(lrs)
         if at.min() < max(f[0] for f in self.fractions) - 0.01:  # before the ladder's first evals
             return None
-        y = np.array([np.interp(at, f, v) for f, v in zip(self.fractions, self.log_losses)])
-        level = local_line(xs, y, x, self.bandwidth)
+        return x, xs, np.array([np.interp(at, f, v) for f, v in zip(self.fractions, self.log_losses)])
+
+    def predict(self, lrs, tokens: float, n_params: float, steps, final: float) -> list[float] | None:
+        """The loss after each of `steps` (steps completed) of a run of `n_params` over `tokens` with the
+        schedule `lrs`, ending at `final`; None where the ladder's runs do not cover it."""
+        covered = self._covered(lrs, tokens, n_params, steps)
+        level = None if covered is None else local_line(covered[1], covered[2], covered[0], self.bandwidth)
         return None if level is None else [float(v) for v in final * np.exp(level)]
+
+    def scatter(self, lrs, tokens: float, n_params: float, steps) -> list[float] | None:
+        """How far one run stands from the shape predict() gives, in ln L, at each of `steps`: the rms by
+        which the ladder's runs miss their own shape when each is read off the others (leave one out), each
+        weighted as predict() weighs it. A run's seed alone moves a check run's early evals by 1-3%
+        (benchmarks/RESULTS.md), so the forecast's interval along the curve carries this beside the final
+        loss's. Zero at the last step, where every shape is 0. None where predict() is."""
+        covered = self._covered(lrs, tokens, n_params, steps)
+        if covered is None:
+            return None
+        x, xs, y = covered
+        weights, misses = [], []
+        for i in range(len(xs)):
+            others = np.arange(len(xs)) != i
+            level = local_line(xs[others], y[others], xs[i], self.bandwidth)
+            if level is not None:
+                weights.append(np.exp(-0.5 * ((xs[i] - x) / self.bandwidth) ** 2))
+                misses.append(y[i] - level)
+        if len(misses) < 3:
+            return None
+        w = np.asarray(weights)[:, None]
+        return [float(v) for v in np.sqrt((w * np.asarray(misses) ** 2).sum(axis=0) / w.sum())]
 
     def to_dict(self) -> dict:
         return to_plain(self)

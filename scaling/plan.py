@@ -67,6 +67,7 @@ class Rung:
     params: int             # non-embedding parameters (the N of the fits)
     tokens: int
     flops: float            # exact, after rounding steps: within a few % of the budget
+    seed: int | None = None  # train.seed, where a rung repeats another under a new seed (else the base config's)
 
     def overrides(self) -> list[str]:
         return [f"model.dim={self.dim}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
@@ -74,7 +75,7 @@ class Rung:
                 f"train.global_batch_size={self.global_batch_size}",
                 f"train.micro_batch_size={self.global_batch_size}", f"train.eval_batches={self.eval_batches}",
                 "train.eval_every=0", f"schedule.warmup_steps={self.warmup_steps}", f"optim.lr={self.lr:.6g}",
-                f"train.name={self.name}"]
+                f"train.name={self.name}", *([f"train.seed={self.seed}"] if self.seed is not None else [])]
 
 
 @dataclass

@@ -7,8 +7,9 @@ import pytest
 
 from keel.scaling.curve_shapes import CurveShapes, fit_curve_shapes
 from keel.scaling.fit import ScalingFit
+from keel.scaling.forecast import compare_seeds, forecast_for, seed_lines, write_seeds_csv
 from keel.scaling.shared_curve import fit_shared_curves
-from keel.training.config import ScheduleConfig
+from keel.training.config import ScheduleConfig, load_config
 from keel.training.schedule import lr_at
 from test_scaling_forecast import record, scaling_fit
 
@@ -98,3 +99,70 @@ def test_fit_json_round_trips_the_shapes(tmp_path):
     fit = dataclasses.replace(scaling_fit(0.35), curve_shapes=fit_curve_shapes(LADDER))
     fit.save(tmp_path / "fit.json")
     assert ScalingFit.load(tmp_path / "fit.json").curve_shapes == fit.curve_shapes
+
+
+def noisy_ladder(sigma, seed):
+    """LADDER's runs, each eval before the last moved by its own N(0, sigma) in ln L, as a run's seed moves it."""
+    rng = np.random.default_rng(seed)
+    ladder = []
+    for r in LADDER:
+        curve = [{**e, "loss": e["loss"] * float(np.exp(rng.normal(0, sigma)))} for e in r.eval_curve[:-1]]
+        ladder.append(dataclasses.replace(r, eval_curve=[*curve, r.eval_curve[-1]]))
+    return ladder
+
+
+def test_the_curves_interval_carries_one_runs_scatter_about_the_shape():
+    sigma, n, ratio = 0.02, 128000, 70.0
+    steps = round(n * ratio / BATCH)
+    at = [round(k * steps / 10) for k in range(1, 11)]
+    # The ladder's runs, each read off the others, miss their own shape by about the scatter they were drawn with
+    # (each eval's estimate rests on the ~6 runs nearest in D/N, so it wanders); at the last eval by nothing,
+    # since every shape ends at 0 there.
+    scatter = fit_curve_shapes(noisy_ladder(sigma, 0)).scatter(schedule(steps), steps * BATCH, n, at)
+    assert np.mean(scatter[:-1]) == pytest.approx(sigma, rel=0.2) and scatter[-1] == 0
+    assert max(fit_curve_shapes(LADDER).scatter(schedule(steps), steps * BATCH, n, at)) < 1e-3
+    assert fit_curve_shapes(LADDER).scatter(schedule(steps, name="wsd"), steps * BATCH, n, at) is None
+
+    # The forecast's interval along the curve is that scatter, about the final loss's own interval (zero here):
+    # it holds ~80% of the evals of new runs that scatter as the ladder's did.
+    cfg = load_config(None, ["model.vocab_size=256", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
+                             "model.n_kv_heads=4", "model.max_seq_len=64", "data.seq_len=64",
+                             "train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=1400",
+                             "train.eval_every=140", "schedule.warmup_steps=140", "schedule.min_lr_ratio=0.1"])
+    inside, widths = [], []
+    for seed in range(20):
+        fit = dataclasses.replace(scaling_fit(0.35), curve_shapes=fit_curve_shapes(noisy_ladder(sigma, seed)))
+        forecast = forecast_for(fit, cfg)
+        assert forecast["curve_from"] == "ladder runs"
+        points = forecast["curve"]
+        assert points[-1]["lo"] == points[-1]["hi"] == forecast["final"]["loss"]
+        truth = [p["loss"] for p in points]  # the shape this run would follow without its own scatter
+        run = np.asarray(truth[:-1]) * np.exp(np.random.default_rng(100 + seed).normal(0, sigma, len(truth) - 1))
+        inside += [p["lo"] <= v <= p["hi"] for p, v in zip(points, run)]
+        widths += [math.log(p["hi"] / p["loss"]) for p in points[:-1]]
+    assert 0.7 <= np.mean(inside) <= 0.92
+    assert np.median(widths) == pytest.approx(1.2816 * sigma, rel=0.25)
+
+
+def test_runs_under_several_seeds_are_each_set_beside_the_forecast_and_so_is_their_mean_curve(tmp_path):
+    steps = [100, 200, 300]
+    forecast = {"final": {"loss": 2.0, "lo": 1.9, "hi": 2.1},
+                "curve": [{"step": s, "loss": v, "lo": 0.97 * v, "hi": 1.03 * v}
+                          for s, v in zip(steps, (3.0, 2.4, 2.0))]}
+    # Two seeds stray 4% either way at the first eval; their mean meets the forecast there.
+    seeds = [[3.12, 2.40, 2.00], [2.88, 2.46, 2.02]]
+    records = [dataclasses.replace(record(8000, 300), final_loss=c[-1],
+                                   eval_curve=[{"step": s, "tokens": s * BATCH, "loss": v} for s, v in zip(steps, c)])
+               for c in seeds]
+    result = compare_seeds(forecast, records)
+    assert [r["curve_inside"] for r in result["runs"]] == [2, 2]
+    assert [r["worst_curve_error"] for r in result["runs"]] == pytest.approx([0.04, 0.04])
+    mean = result["mean_curve"]
+    assert [m["mean"] for m in mean] == pytest.approx([math.sqrt(3.12 * 2.88), math.sqrt(2.40 * 2.46), math.sqrt(4.04)])
+    assert result["mean_inside"] == 3 and result["worst_mean_error"] == pytest.approx(math.sqrt(2.4 * 2.46) / 2.4 - 1)
+    lines = seed_lines(result, [0, 1])
+    assert lines[0].startswith("seed 0: final +0.00%, worst eval 4.00% off, 2 of 3 evals inside")
+    assert "mean curve: worst eval 1.24% off the forecast (step 200), 3 of 3 evals inside" in lines[-1]
+    rows = write_seeds_csv(result, [0, 1], tmp_path / "seeds.csv").read_text().splitlines()
+    assert rows[0] == "step,predicted,p10,p90,seed0,seed1,mean,error"
+    assert rows[1].startswith("100,3.00000,2.91000,3.09000,3.12000,2.88000")

@@ -64,6 +64,17 @@ def test_a_ladder_survives_a_round_trip_through_its_file(ladder, tmp_path):
     assert again == ladder
 
 
+def test_a_rung_that_repeats_the_check_run_under_another_seed_trains_it_with_that_seed(ladder, tmp_path):
+    check = next(r for r in ladder.rungs if r.role == "check")
+    assert ladder.config(check).train.seed == 0 and not any("train.seed" in o for o in ladder.run_overrides(check))
+    repeat = dataclasses.replace(check, name=f"{check.name}-seed2", role="check-seed", seed=2)
+    with_repeat = dataclasses.replace(ladder, rungs=[*ladder.rungs, repeat])
+    with_repeat.save(tmp_path / "ladder.yaml")
+    again = Ladder.load(tmp_path / "ladder.yaml")
+    assert again.config(again.rungs[-1]).train.seed == 2
+    assert ladder.config(check).model == again.config(again.rungs[-1]).model
+
+
 @pytest.mark.parametrize("budgets,sizes,message", [("1e11:1e12:2", 5, "at least 3"), ("1e11:5e11:3", 5, "one decade"),
                                                    ("1e11:1e12:3", 2, "at least 3 sizes")])
 def test_ladders_that_cannot_give_a_trustworthy_fit_are_refused(budgets, sizes, message):
