@@ -136,8 +136,10 @@ def test_the_curves_interval_carries_one_runs_scatter_about_the_shape():
         assert forecast["curve_from"] == "ladder runs"
         points = forecast["curve"]
         assert points[-1]["lo"] == points[-1]["hi"] == forecast["final"]["loss"]
-        truth = [p["loss"] for p in points]  # the shape this run would follow without its own scatter
-        run = np.asarray(truth[:-1]) * np.exp(np.random.default_rng(100 + seed).normal(0, sigma, len(truth) - 1))
+        # the curve this run would follow without its own scatter: the true shape, to its forecast final loss
+        truth = points[-1]["loss"] * np.exp(shape([p["step"] / 1400 for p in points[:-1]],
+                                                  forecast["tokens"] / forecast["params"]))
+        run = truth * np.exp(np.random.default_rng(100 + seed).normal(0, sigma, len(truth)))
         inside += [p["lo"] <= v <= p["hi"] for p, v in zip(points, run)]
         widths += [math.log(p["hi"] / p["loss"]) for p in points[:-1]]
     assert 0.7 <= np.mean(inside) <= 0.92
