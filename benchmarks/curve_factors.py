@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -37,6 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from keel.scaling.plan import Ladder
+    from keel.training.record import read_record
 
     ladder = Ladder.load(args.ladder)
     if ladder.base and not Path(ladder.base).exists():  # planned in another checkout: this one's copy
@@ -64,8 +64,7 @@ def main() -> None:
                   "train.cpu_threads=1", "logging.wandb.mode=disabled"]:
             command += ["--set", o]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in (Path(args.out) / rung.name / "metrics.jsonl").read_text().splitlines()]
-        evals = [(row["step"], row["val_loss"]) for row in rows if row.get("kind") == "eval" and row["step"] > 0]
+        evals = [(e["step"], e["loss"]) for e in read_record(Path(args.out) / rung.name).eval_curve if e["step"] > 0]
         final = evals[-1][1]
         return label, rung.steps, final, [(s / rung.steps, 100 * math.log(v / final)) for s, v in evals]
 
